@@ -1,0 +1,176 @@
+"""Run directories and checkpoints, written atomically.
+
+runs/<name>/
+  config.yaml            the fully resolved config
+  metrics.jsonl          one JSON object per logged step
+  checkpoints/step-<N>/  trainable weights, optimizer, scheduler, RNG, data position
+  final/                 model or adapter + tokenizer, loadable with plain transformers/peft
+
+Everything is written into a hidden temporary directory beside its target and renamed into place,
+so a crash mid-save leaves the previous checkpoint (and no half-written one) on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_PREFIX = "step-"
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot be used as asked (already holds a run, nothing to resume, ...)."""
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary directory that replaces `target` only if the block completes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary name and rename it into place."""
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Paths of one run directory and the rules for starting, resuming and overwriting it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.final = self.path / "final"
+
+    def check(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Raise RunDirError if the directory cannot be used as asked; changes nothing on disk."""
+        if not str(self.path) or str(self.path) == ".":
+            raise RunDirError("no output directory given: pass --output DIR")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"output path {self.path} exists and is not a directory")
+        occupied = self.path.exists() and any(self.path.iterdir())
+        if occupied and not resume and not overwrite:
+            raise RunDirError(f"output directory {self.path} already holds files; pass --resume to continue "
+                              "that run, --overwrite to replace it, or choose another --output")
+        if resume and self.latest_checkpoint() is None:
+            raise RunDirError(f"nothing to resume in {self.path}: it has no complete checkpoint "
+                              f"(looked in {self.checkpoints})")
+
+    def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Check, then create the directory (emptying it first with overwrite) and clear crash leftovers."""
+        self.check(resume=resume, overwrite=overwrite)
+        if overwrite and not resume and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.path.glob(".tmp-*"), *self.checkpoints.glob(".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir()
+                 if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    def latest_checkpoint(self) -> Path | None:
+        dirs = self.checkpoint_dirs()
+        return dirs[-1] if dirs else None
+
+    def trim_metrics(self, after_step: int) -> None:
+        """Drop metric lines logged after `after_step` (by a run that crashed before its next checkpoint)."""
+        if not self.metrics.is_file():
+            return
+        kept = [line for line in self.metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    plain = {"python": [version, list(internal), gauss_next], "numpy": [kind, pos, has_gauss, gauss]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    kind, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes, by name, on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, scheduler, position: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint `step-<step>` atomically, then delete all but the newest `keep_last`."""
+    target = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+    with atomic_dir(target) as tmp:
+        save_file(trainable_state(module), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng_tensors, rng_plain = _rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {"step": step, **position, "rng": rng_plain}
+        (tmp / "state.json").write_text(json.dumps(state))  # written last: its presence marks completeness
+    for old in run.checkpoint_dirs()[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state (step, position)."""
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise RunDirError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
+                          f"unexpected {unknown[:3]} (was the config changed since it was written?)")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(load_file(path / "rng.safetensors"), state.pop("rng"))
+    return state

@@ -1,0 +1,242 @@
+"""Recipe configuration: pydantic models, YAML files and `key=value` overrides.
+
+A config is built in layers, later ones winning: the defaults below, an optional YAML file, the
+command-line flags (`--lr`, `--batch-size`, ...) and finally `key=value` overrides such as
+`lora.r=16` or `train.lr=2e-4`. Unknown keys are errors with a "did you mean" hint, and every
+error names where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which, where and what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "preference", "prompt"]
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field("", description="model directory or hub name (--model)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights are loaded in")
+    trust_remote_code: bool = Field(False, description="allow code shipped with the model to run")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass to save memory")
+
+
+class DataSource(Section):
+    path: str = Field(description="jsonl/json/csv/parquet file, a saved `datasets` directory, or a hub name")
+    weight: float = Field(1.0, gt=0, description="rows used per epoch = weight x rows in the source")
+    format: Format = Field("auto", description="row format; auto detects it from the columns")
+    split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(default_factory=list, description="datasets to mix (--data)")
+    max_length: int = Field(512, ge=8, description="longest tokenized row, in tokens")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="what to do with rows longer than max_length")
+    train_on_prompt: bool = Field(
+        False, description="also train on prompt tokens (off: loss on the completion only)")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of each source held out for evaluation")
+    eval_max_rows: int = Field(256, ge=0, description="cap on held-out rows per source")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for `messages` rows, or 'chatml'; default: the tokenizer's")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="module names to adapt, or 'all-linear'")
+
+
+class TrainConfig(Section):
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default 2e-4 with LoRA, 2e-5 full)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    schedule: Literal["linear", "cosine", "constant"] = Field("cosine", description="learning-rate decay")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm (null: off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast")
+    seed: int = Field(0, description="seed for initialisation, data order and dropout")
+    group_by_length: bool = Field(True, description="batch rows of similar length together")
+    log_every: int = Field(10, ge=1, description="write metrics every N steps")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
+    logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
+
+
+class SFTConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    peft: Literal["lora", "none"] = Field("lora", description="parameters to train: LoRA adapters or all")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: str = Field("", description="run directory (--output)")
+
+    def resolved_lr(self) -> float:
+        """The learning rate in force: the configured one, or the default for the chosen PEFT method."""
+        if self.train.lr is not None:
+            return self.train.lr
+        return 2e-4 if self.peft == "lora" else 2e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from layers
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class an annotation refers to (directly or as list items), if any."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _check_keys(cls: type[BaseModel], values: Any, prefix: str, origins: dict[str, str]) -> None:
+    if not isinstance(values, dict):
+        return
+    fields = cls.model_fields
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = [f"{prefix}{name}" for name in fields]
+            hint = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            where = _origin(dotted, origins)
+            msg = f"unknown config key '{dotted}'{where}"
+            msg += f" (did you mean '{hint[0]}'?)" if hint else f"; known keys here: {', '.join(known)}"
+            raise ConfigError(msg)
+        sub = _section_type(fields[key].annotation)
+        if sub is None:
+            continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_keys(sub, item, f"{dotted}.{i}.", origins)
+        else:
+            _check_keys(sub, value, f"{dotted}.", origins)
+
+
+def _origin(dotted: str, origins: dict[str, str]) -> str:
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        src = origins.get(".".join(parts[:n]))
+        if src:
+            return f" ({src})"
+    return ""
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `key=value`; the value is read as YAML, so `3`, `2e-4`, `true`, `[a, b]` get their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value (for example train.lr=2e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> Any:
+    """Build a config of type `cls` from defaults, a YAML file, CLI flag values and `key=value` overrides.
+
+    `flags` maps dotted keys to values; `None` values are skipped (the flag was not given).
+    Raises ConfigError naming the key, its source and what was expected.
+    """
+    tree: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_path} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded
+        for key in _flatten(loaded):
+            origins[key] = f"in {yaml_path}"
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+            origins[key] = f"from flag for {key}"
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        origins[key] = f"from override '{text}'"
+    _check_keys(cls, tree, "", origins)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            got = err.get("input")
+            lines.append(f"config value '{dotted}'{_origin(dotted, origins)}: {err['msg']} (got {got!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def config_to_yaml(config: BaseModel) -> str:
+    """The fully resolved config as YAML text."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: the `key=value` reference in --help."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        sub = _section_type(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) is not list:
+            rows.extend(describe_fields(sub, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((f"{prefix}{name}", repr(default) if not isinstance(default, list) else "[]",
+                     field.description or ""))
+    return rows

@@ -1,0 +1,106 @@
+"""From data sources to tokenized train and held-out sets, with a per-source summary.
+
+load rows -> detect format + validate -> render (ids + loss mask) -> length policy -> split.
+Rows that are valid but unusable are dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from tunelab.config import DataConfig
+from tunelab.data.formats import to_examples
+from tunelab.data.load import DataError, load_rows
+from tunelab.data.templates import Rendered, fit_length, has_content, render_example
+
+
+@dataclass
+class SourceSummary:
+    """What happened to the rows of one source."""
+
+    path: str
+    format: str
+    weight: float
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_empty: int = 0
+    train: int = 0
+    held_out: int = 0
+
+    @property
+    def per_epoch(self) -> int:
+        return round(self.weight * self.train)
+
+    def line(self) -> str:
+        return (f"{self.path} [{self.format}]: {self.rows} rows, {self.kept} kept ({self.truncated} truncated), "
+                f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped as empty; "
+                f"{self.train} train / {self.held_out} held out; weight {self.weight:g} -> "
+                f"{self.per_epoch} rows per epoch")
+
+
+@dataclass
+class TokenizedData:
+    """Train and held-out examples of every source, in source order, with their summaries."""
+
+    train: list[Rendered] = field(default_factory=list)
+    held_out: list[Rendered] = field(default_factory=list)
+    sources: list[SourceSummary] = field(default_factory=list)
+
+    @property
+    def source_sizes(self) -> list[int]:
+        return [s.train for s in self.sources]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources]
+
+    def summary_lines(self) -> list[str]:
+        return [s.line() for s in self.sources]
+
+
+def split_held_out(n: int, fraction: float, cap: int, seed: int, key: str) -> set[int]:
+    """Indices of the rows held out for evaluation (deterministic for a seed and source)."""
+    count = min(cap, round(n * fraction))
+    if count == 0 or count >= n:
+        return set()
+    return set(random.Random(f"{seed}-heldout-{key}").sample(range(n), count))
+
+
+def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData:
+    """Load, validate, render and split every source of an SFT run.
+
+    Raises DataError on malformed input, and when no usable rows remain.
+    """
+    if not config.sources:
+        raise DataError("no training data given: pass --data PATH (or set data.sources in the config)")
+    data = TokenizedData()
+    for source in config.sources:
+        fmt, examples = to_examples(load_rows(source.path, source.split), source.format, source.path)
+        summary = SourceSummary(source.path, fmt, source.weight, rows=len(examples))
+        kept: list[Rendered] = []
+        for example in examples:
+            if not has_content(example):
+                summary.dropped_empty += 1
+                continue
+            rendered = render_example(example, tokenizer, train_on_prompt=config.train_on_prompt,
+                                      chat_template=config.chat_template)
+            fitted, status = fit_length(rendered, config.max_length, config.overlong)
+            if fitted is None:
+                summary.dropped_long += 1
+                continue
+            summary.truncated += status == "truncated"
+            kept.append(fitted)
+        summary.kept = len(kept)
+        if not kept:
+            raise DataError(f"{source.path}: none of its {summary.rows} rows is usable "
+                            f"({summary.dropped_empty} empty, {summary.dropped_long} longer than "
+                            f"data.max_length={config.max_length} with overlong={config.overlong})")
+        held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, source.path)
+        data.train.extend(r for i, r in enumerate(kept) if i not in held)
+        data.held_out.extend(r for i, r in enumerate(kept) if i in held)
+        summary.train, summary.held_out = len(kept) - len(held), len(held)
+        data.sources.append(summary)
+    return data

@@ -1,0 +1,77 @@
+"""Per-token log-probabilities on the positions that matter.
+
+A causal LM's head is its most expensive layer on small models (hidden x vocab per position), and its
+output, `[B, T, vocab]` logits in fp32, is usually the largest tensor of a training step. Here the
+trunk runs once, the hidden states of the positions whose next token is scored are gathered, and the
+head runs on those rows only, in chunks; under autograd each chunk is recomputed in the backward
+pass instead of being stored, so at most `chunk_size x vocab` logits exist at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body and the LM head of a causal LM, through a PEFT wrapper if there is one.
+
+    LoRA layers are injected into the body's modules in place, so calling the body keeps them active.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
+
+
+def head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  chunk_size: int = 2048) -> torch.Tensor:
+    """log p(target | hidden) for gathered rows: `hidden [N, H]`, `targets [N]` -> `[N]` fp32."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_size
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if recompute:
+            parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h, t))
+    return torch.cat(parts)
+
+
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """Log-probability of each scored token under `model`.
+
+    Args: `input_ids`, `attention_mask`, `loss_mask`: `[B, T]`; `loss_mask[b, t] = 1` scores
+    `input_ids[b, t]` given `input_ids[b, :t]` (right padding).
+    Returns `[B, T]` fp32 log-probs, 0 where `loss_mask` is 0.
+    """
+    trunk, head = trunk_and_head(model)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    scored = loss_mask[:, 1:].bool()
+    picked = head_logprobs(head, hidden[:, :-1][scored], input_ids[:, 1:][scored], chunk_size)
+    shifted = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, picked)
+    return F.pad(shifted, (1, 0))
+
+
+class LogprobModel(nn.Module):
+    """Wraps a causal LM so that its forward returns `token_logprobs`.
+
+    Training goes through this module's forward so that `accelerate`'s DDP/FSDP wrappers see the
+    whole computation (calling submodules of a DDP model directly would skip gradient sync).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 2048):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(self.model, input_ids, attention_mask, loss_mask, self.chunk_size)

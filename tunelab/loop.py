@@ -1,0 +1,234 @@
+"""The one training loop every recipe uses.
+
+A recipe hands over a module whose trainable parameters are to be optimized, a `step_fn` that turns
+a batch into `(loss_sum, metrics)`, a batch plan per epoch and a collate function. Each collated
+batch carries `n_items` (what its loss is averaged over: trained tokens for SFT, pairs for
+preference losses) and `n_tokens` (real tokens, for throughput). The loss of an optimizer step is
+the sum over its micro-batches divided by their total `n_items`, so gradient accumulation gives the
+same gradient as one large batch.
+
+The loop owns everything else: AdamW, warmup + linear/cosine decay, accumulation, clipping,
+precision through `accelerate`, held-out evaluation, metrics.jsonl, progress, checkpoints with
+exact resume, Ctrl-C saving, and stopping on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tunelab.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from tunelab.config import TrainConfig
+
+Batch = dict[str, Any]
+StepFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN); the message says what to try."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float | None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Progress:
+    """A progress bar on a terminal; plain log lines otherwise (or with quiet)."""
+
+    def __init__(self, total: int, initial: int, quiet: bool, log_every: int, desc: str):
+        self.log_every, self.total = log_every, total
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+        self.start, self.start_step = time.time(), initial
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        elif step % self.log_every == 0 or step == self.total:
+            done = step - self.start_step
+            eta = (time.time() - self.start) / max(1, done) * (self.total - step)
+            print(f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+                  f"eta {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(module: nn.Module, batches: list[Batch], step_fn: StepFn, device: torch.device,
+             autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Mean loss (per item) and item-weighted metrics of `step_fn` over `batches`, without gradients."""
+    was_training = module.training
+    module.eval()
+    loss_total, items, sums = 0.0, 0.0, {}
+    with torch.no_grad():
+        for batch in batches:
+            with autocast():
+                loss_sum, metrics = step_fn(module, to_device(batch, device))
+            loss_total += float(loss_sum)
+            items += batch["n_items"]
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * batch["n_items"]
+    module.train(was_training)
+    if items == 0:
+        return {}
+    return {"loss": loss_total / items, **{k: v / items for k, v in sums.items()}}
+
+
+def _append_metrics(run: RunDir, record: dict) -> None:
+    with run.metrics.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
+          collate: Callable[[list[int]], Batch], eval_batches: list[Batch], config: TrainConfig, lr: float,
+          run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train") -> TrainResult:
+    """Optimize the trainable parameters of `module`; see the module docstring for the contract."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters (check the peft settings)")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(plan(0)) / config.grad_accum)
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    warmup = math.ceil(config.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total, config.schedule))
+
+    step, epoch, position = 0, 0, 0
+    if resume:
+        checkpoint = run.latest_checkpoint()
+        state = load_checkpoint(checkpoint, module, optimizer, scheduler)
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        run.trim_metrics(step)
+        print(f"resumed from {checkpoint} (step {step}/{total})", file=sys.stderr)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    raw_module = accelerator.unwrap_model(module)
+    device = accelerator.device
+
+    def checkpoint_now() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
+                            config.keep_last)
+
+    def run_eval() -> dict[str, float]:
+        if not eval_batches:
+            return {}
+        metrics = evaluate(module, eval_batches, step_fn, device, accelerator.autocast)
+        record = {"step": step, "split": "eval", **{f"eval_{k}": v for k, v in metrics.items()}}
+        if accelerator.is_main_process:
+            _append_metrics(run, record)
+        progress.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    progress = Progress(total, step, quiet, config.log_every, desc)
+    window: dict[str, float] = {}
+    window_steps, window_tokens, window_start = 0, 0, time.time()
+    last_loss, started = None, time.time()
+    module.train()
+    try:
+        while step < total:
+            batches = plan(epoch)
+            while position < len(batches) and step < total:
+                group = [to_device(collate(ix), device) for ix in batches[position:position + config.grad_accum]]
+                n_items = sum(b["n_items"] for b in group) or 1
+                step_loss, sums = 0.0, {}
+                for i, batch in enumerate(group):
+                    sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(module)
+                    with sync:
+                        with accelerator.autocast():
+                            loss_sum, metrics = step_fn(module, batch)
+                        if not torch.isfinite(loss_sum):
+                            good = run.latest_checkpoint()
+                            raise TrainingError(
+                                f"the loss became {float(loss_sum)} at step {step + 1} (epoch {epoch}); stopped. "
+                                f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
+                                "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
+                        accelerator.backward(loss_sum / n_items)
+                    step_loss += float(loss_sum) / n_items
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value / len(group)
+                grad_norm = None
+                if config.max_grad_norm:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, position = step + 1, position + len(group)
+                last_loss = step_loss
+
+                window_steps += 1
+                window_tokens += sum(b["n_tokens"] for b in group)
+                window["loss"] = window.get("loss", 0.0) + step_loss
+                for key, value in sums.items():
+                    window[key] = window.get(key, 0.0) + value
+                if grad_norm is not None:
+                    window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+                elapsed = time.time() - window_start
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                progress.update(step, step_loss, tokens_per_s)
+                if step % config.log_every == 0 or step == total:
+                    record = {"step": step, "epoch": round(epoch + position / len(batches), 4),
+                              **{k: v / window_steps for k, v in window.items()},
+                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
+                              "elapsed_s": round(time.time() - started, 2)}
+                    if accelerator.is_main_process:
+                        _append_metrics(run, record)
+                    window, window_steps, window_tokens, window_start = {}, 0, 0, time.time()
+                if config.eval_every and step % config.eval_every == 0 and step < total:
+                    run_eval()
+                if config.save_every and step % config.save_every == 0:
+                    checkpoint_now()
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+    except KeyboardInterrupt:
+        progress.close()
+        checkpoint_now()
+        print(f"\ninterrupted at step {step}: checkpoint saved in {run.checkpoints}; "
+              "run the same command with --resume to continue", file=sys.stderr)
+        raise
+    progress.close()
+    if config.save_every and step % config.save_every:
+        checkpoint_now()
+    eval_metrics = run_eval()
+    return TrainResult(step, last_loss, eval_metrics, time.time() - started)

@@ -1,0 +1,85 @@
+"""Load models and tokenizers for a role, wrap them with PEFT, save them so plain transformers/peft load them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer could not be loaded; the message says what was tried."""
+
+
+def _check_exists(name_or_path: str) -> None:
+    if not name_or_path:
+        raise ModelLoadError("no model given: pass --model PATH_OR_NAME (or set model.name_or_path)")
+    # hub names are "name" or "owner/name"; anything else is meant as a local path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(f"model path does not exist: {name_or_path}")
+
+
+def _load(loader, name_or_path: str, what: str, **kwargs):
+    _check_exists(name_or_path)
+    try:
+        return loader(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "directory" if Path(name_or_path).exists() else "local directory or reachable hub model"
+        raise ModelLoadError(f"could not load the {what} from '{name_or_path}' (not a {where} with one: "
+                             f"{str(exc).splitlines()[0]})") from None
+
+
+def load_tokenizer(config: ModelConfig):
+    """The model's tokenizer, with a pad token (EOS when it has none: padding is always masked out)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, config.name_or_path, "tokenizer",
+                      trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(config: ModelConfig) -> nn.Module:
+    """A causal LM from a directory or hub name, weights from safetensors, in `config.dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    model = _load(AutoModelForCausalLM.from_pretrained, config.name_or_path, "model",
+                  dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, use_safetensors=True)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_peft(model: nn.Module, method: str, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap `model` for the chosen parameter method: 'lora' adds adapters (base frozen), 'none' trains all."""
+    if method == "none":
+        model.requires_grad_(True)
+        return model
+    if method == "lora":
+        import peft
+
+        peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                      target_modules=lora.target_modules, task_type=task_type)
+        return peft.get_peft_model(model, peft_config)
+    raise ValueError(f"unknown peft method '{method}'; expected 'lora' or 'none'")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_pretrained(model: nn.Module, tokenizer, directory: Path) -> None:
+    """Write the model (or LoRA adapter) and tokenizer so that transformers/peft load them directly."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
