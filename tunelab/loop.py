@@ -103,7 +103,7 @@ def evaluate(module: nn.Module, batches: list[Batch], step_fn: StepFn, device: t
         for batch in batches:
             with autocast():
                 loss_sum, metrics = step_fn(module, to_device(batch, device))
-            loss_total += float(loss_sum)
+            loss_total += float(loss_sum.detach())
             items += batch["n_items"]
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * batch["n_items"]
@@ -185,7 +185,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                                 f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
                                 "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
                         accelerator.backward(loss_sum / n_items)
-                    step_loss += float(loss_sum) / n_items
+                    step_loss += float(loss_sum.detach()) / n_items
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + value / len(group)
                 grad_norm = None

@@ -83,3 +83,21 @@ def save_pretrained(model: nn.Module, tokenizer, directory: Path) -> None:
     """Write the model (or LoRA adapter) and tokenizer so that transformers/peft load them directly."""
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+
+
+def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a model directory, hub name or a LoRA adapter directory, in eval mode.
+
+    An adapter directory (one holding adapter_config.json) is loaded onto its base model and merged,
+    so generation runs at the speed of a plain model.
+    """
+    config = ModelConfig(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(config)
+    if (Path(name_or_path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = _load(AutoPeftModelForCausalLM.from_pretrained, name_or_path, "adapter",
+                      trust_remote_code=trust_remote_code).merge_and_unload()
+    else:
+        model = load_causal_lm(config)
+    return model.eval(), tokenizer

@@ -1,0 +1,164 @@
+"""The `tunelab` command: one subcommand per verb.
+
+Every training verb follows one flag convention:
+    --model M --data D --output O [--config C.yaml] [--max-steps N] [--epochs E] [--lr LR]
+    [--batch-size B] [--peft P] [key=value ...]
+and `key=value` overrides reach every field of the config (see each verb's --help for the list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tunelab.config import ConfigError, SFTConfig, build_config, describe_fields
+
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+def _keys_epilog(cls) -> str:
+    rows = describe_fields(cls)
+    width = max(len(key) for key, _, _ in rows)
+    lines = ["config keys (set them in --config YAML or as key=value; flags above are shortcuts):"]
+    lines += [f"  {key:<{width}}  {help} [default: {default}]" for key, default, help in rows]
+    return "\n".join(lines)
+
+
+def _data_source(text: str) -> dict:
+    """`PATH` or `PATH:WEIGHT` -> a data source entry."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"path": text}
+
+
+def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[str, ...]) -> None:
+    parser.add_argument("--model", help="base model: a local directory or a hub name (model.name_or_path)")
+    parser.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]",
+                        help="training data: .jsonl/.json/.csv/.parquet, a saved datasets directory or a hub "
+                             "name; repeat to mix datasets, with an optional weight (rows per epoch = weight x "
+                             "rows) (data.sources)")
+    parser.add_argument("--output", help="run directory to create (output)")
+    parser.add_argument("--config", help="YAML file with config keys (see below)")
+    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps (train.max_steps)")
+    parser.add_argument("--epochs", type=float, help="passes over the data (train.epochs)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    parser.add_argument("--batch-size", type=int, help="examples per micro-batch (train.batch_size)")
+    parser.add_argument("--peft", choices=peft_choices, help="parameters to train (peft); default lora")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
+    parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=16")
+
+
+def _recipe_config(cls, args: argparse.Namespace):
+    flags = {
+        "model.name_or_path": args.model, "data.sources": args.data, "output": args.output,
+        "train.max_steps": args.max_steps, "train.epochs": args.epochs, "train.lr": args.lr,
+        "train.batch_size": args.batch_size, "peft": args.peft,
+    }
+    return build_config(cls, yaml_path=args.config, flags=flags, overrides=args.overrides)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from tunelab.recipes.sft import run_sft
+
+    config = _recipe_config(SFTConfig, args)
+    result = run_sft(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    print(result.final_dir)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tunelab.data.dataset import prepare_sft_data
+    from tunelab.data.inspect import inspect_report
+    from tunelab.modeling import load_tokenizer
+
+    flags = {"model.name_or_path": args.model, "data.sources": args.data}
+    config = build_config(SFTConfig, yaml_path=args.config, flags=flags, overrides=args.overrides)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_sft_data(config.data, tokenizer, seed=config.train.seed)
+    color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
+    print(inspect_report(data, tokenizer, n=args.n, color=color))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tunelab.demo import run_demo
+
+    run_demo(args.output, quick=args.quick, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune and align language models: "
+                                     "SFT, reward modeling, DPO and RLHF with PPO.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning (instruction tuning, loss on the response)",
+                         description="Supervised fine-tuning of a causal LM. Data rows may be text (loss on every "
+                         "token), prompt/completion, alpaca (instruction, input, output) or chat messages "
+                         "(loss on assistant turns); the loss covers completions only unless "
+                         "data.train_on_prompt=true.", epilog=_keys_epilog(SFTConfig), formatter_class=formatter)
+    _add_recipe_flags(sft, peft_choices=("lora", "none"))
+    sft.set_defaults(func=cmd_sft)
+
+    ins = sub.add_parser("inspect", help="show rendered training rows with the trained tokens marked, and stats",
+                         description="Render the first rows of a dataset exactly as training will see them, "
+                         "trained tokens highlighted (colour on a terminal, [[...]] otherwise), with row counts, "
+                         "token-length percentiles and the share of tokens trained.",
+                         epilog=_keys_epilog(SFTConfig), formatter_class=formatter)
+    ins.add_argument("--model", help="model (or tokenizer) directory or hub name whose tokenizer renders the rows")
+    ins.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]", help="data source(s)")
+    ins.add_argument("--config", help="YAML config (its data and model keys are used)")
+    ins.add_argument("--n", type=int, default=3, help="rows to render (default 3)")
+    ins.add_argument("--no-color", action="store_true", help="mark trained tokens with [[...]] even on a terminal")
+    ins.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=256")
+    ins.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny world (no downloads)",
+                          description="Build a tokenizer, a tiny Llama-style model and a synthetic movie-review "
+                          "corpus from nothing, then train a base model on raw reviews and an instruction-tuned "
+                          "model on 'Write a review of <title>.' prompts, printing samples before and after.")
+    demo.add_argument("--output", default="runs/demo", help="directory for the demo's runs (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster world (for tests)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """tunelab shows its own progress; the libraries' per-load bars and deprecation chatter are noise."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tunelab` command; returns the exit status."""
+    from tunelab.checkpoint import RunDirError
+    from tunelab.data.load import DataError
+    from tunelab.loop import TrainingError
+    from tunelab.modeling import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError) as exc:
+        print(f"tunelab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Show what a model will be trained on: rendered rows with the trained tokens marked, and statistics.
+
+Masking bugs (loss on the prompt, on padding, or on nothing) are the most common fine-tuning failure;
+this makes them visible before any compute is spent.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tunelab.data.dataset import TokenizedData
+from tunelab.data.templates import Rendered
+
+GREEN, RESET = "\033[42;30m", "\033[0m"
+
+
+def highlight(rendered: Rendered, tokenizer, color: bool) -> str:
+    """Decode a row, marking trained spans with a green background or with `[[...]]`."""
+    out, start = [], 0
+    ids, mask = rendered.ids, rendered.mask
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or mask[end] != mask[start]:
+            text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+            if mask[start]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            out.append(text)
+            start = end
+    return "".join(out)
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return 0
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def data_stats(data: TokenizedData) -> dict[str, float]:
+    """Row counts, token-length percentiles and the share of tokens that carry loss."""
+    rows = data.train + data.held_out
+    lengths = sorted(len(r.ids) for r in rows)
+    tokens = sum(lengths)
+    trained = sum(r.trained_tokens for r in rows)
+    return {
+        "rows": sum(s.rows for s in data.sources),
+        "kept": len(rows),
+        "truncated": sum(s.truncated for s in data.sources),
+        "dropped": sum(s.dropped_long + s.dropped_empty for s in data.sources),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "trained_fraction": trained / tokens if tokens else 0.0,
+        "length_p50": percentile(lengths, 50),
+        "length_p90": percentile(lengths, 90),
+        "length_p99": percentile(lengths, 99),
+        "length_max": lengths[-1] if lengths else 0,
+    }
+
+
+def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = False) -> str:
+    """A printable report: per-source summary, statistics and the first `n` rendered rows."""
+    stats = data_stats(data)
+    lines = [f"source {line}" for line in data.summary_lines()]
+    lines.append(f"rows: {stats['rows']} read, {stats['kept']} kept, {stats['truncated']} truncated, "
+                 f"{stats['dropped']} dropped")
+    lines.append(f"tokens per row: p50 {stats['length_p50']}, p90 {stats['length_p90']}, "
+                 f"p99 {stats['length_p99']}, max {stats['length_max']}")
+    lines.append(f"trained tokens: {stats['trained_tokens']:,} of {stats['tokens']:,} "
+                 f"({100 * stats['trained_fraction']:.1f}%)")
+    marker = "green background" if color else "[[...]]"
+    for rendered in (data.train + data.held_out)[:n]:
+        lines.append(f"\n--- {rendered.where} ({len(rendered.ids)} tokens, {rendered.trained_tokens} trained, "
+                     f"marked with {marker}) ---")
+        lines.append(highlight(rendered, tokenizer, color))
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""`tunelab demo`: the whole pipeline on a world built from nothing, as real recipe runs.
+
+Stages (each a real run directory under the output):
+  world/  tokenizer, randomly initialised tiny Llama, synthetic review data files
+  base/   continued training on raw review text (full parameters): the "base model"
+  sft/    instruction tuning (LoRA) on "Write a review of <title>." -> a review
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.checkpoint import RunDirError
+from tunelab.config import DataConfig, DataSource, ModelConfig, SFTConfig, TrainConfig
+from tunelab.data.dataset import prepare_sft_data
+from tunelab.data.templates import alpaca_prompt
+from tunelab.demo import world
+from tunelab.logprobs import LogprobModel
+from tunelab.loop import evaluate
+from tunelab.modeling import load_for_inference
+from tunelab.recipes.common import eval_batches, log
+from tunelab.recipes.sft import run_sft, sft_step
+from tunelab.rollout import generate
+
+MARKER = "demo.json"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo world is and how long each stage trains."""
+
+    corpus_reviews: int
+    instruction_rows: int
+    hidden_size: int
+    num_layers: int
+    base_epochs: float
+    sft_epochs: float
+    samples: int
+
+
+FULL = DemoSize(corpus_reviews=4000, instruction_rows=2000, hidden_size=128, num_layers=4,
+                base_epochs=3, sft_epochs=2, samples=4)
+QUICK = DemoSize(corpus_reviews=600, instruction_rows=300, hidden_size=64, num_layers=2,
+                 base_epochs=2, sft_epochs=1, samples=2)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Path]:
+    """Write the world's tokenizer + initial model and its data files; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = world.make_reviews(size.corpus_reviews, seed)
+    tasks = world.make_reviews(size.instruction_rows, seed + 1)
+    held_titles = world.make_titles(size.instruction_rows + 8, seed + 2)[-8:]  # unseen in training
+    instructions = [{"instruction": world.review_instruction(r["title"]), "output": r["text"]} for r in tasks]
+    tokenizer_texts = [r["text"] for r in corpus] + [alpaca_prompt(r["instruction"]) for r in instructions]
+    tokenizer = world.build_tokenizer(tokenizer_texts)
+    model = world.build_tiny_model(tokenizer, hidden_size=size.hidden_size, num_layers=size.num_layers, seed=seed)
+    paths = {"init": directory / "init", "corpus": directory / "reviews.jsonl",
+             "instructions": directory / "instructions.jsonl", "prompts": directory / "prompts.jsonl"}
+    model.save_pretrained(paths["init"])
+    tokenizer.save_pretrained(paths["init"])
+    _write_jsonl(paths["corpus"], [{"text": r["text"]} for r in corpus])
+    _write_jsonl(paths["instructions"], instructions)
+    _write_jsonl(paths["prompts"], [{"prompt": alpaca_prompt(world.review_instruction(t))} for t in held_titles])
+    return paths
+
+
+def _samples(model_dir: Path, prompts: list[str], seed: int) -> list[str]:
+    model, tokenizer = load_for_inference(str(model_dir))
+    return generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.7, top_p=0.95, seed=seed)
+
+
+def _held_out_loss(model_dir: Path, config: SFTConfig) -> float:
+    """Completion loss of a model on the SFT run's held-out rows (the same split the run used)."""
+    model, tokenizer = load_for_inference(str(model_dir))
+    data = prepare_sft_data(config.data, tokenizer, seed=config.train.seed)
+    batches = eval_batches(data.held_out, config.train.batch_size, tokenizer.pad_token_id)
+    return evaluate(LogprobModel(model), batches, sft_step, torch.device("cpu"))["loss"]
+
+
+def _prepare_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()):
+        if not (overwrite or (output / MARKER).is_file()):
+            raise RunDirError(f"{output} holds files that are not an earlier demo; pass --overwrite or "
+                              "choose another --output")
+        shutil.rmtree(output)  # an earlier demo is replaced
+    output.mkdir(parents=True)
+
+
+def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = False, seed: int = 0) -> dict:
+    """Run the demo stages and return the figures it printed (also written to <output>/demo.json)."""
+    size = QUICK if quick else FULL
+    out = Path(output)
+    _prepare_output(out, overwrite)
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    log(f"[world] building tokenizer, a tiny Llama ({size.hidden_size} hidden, {size.num_layers} layers) and "
+        f"{size.corpus_reviews} + {size.instruction_rows} synthetic reviews in {out / 'world'}")
+    paths = build_world(out / "world", size, seed)
+    timings["world"] = time.time() - started
+    prompts = [json.loads(line)["prompt"] for line in paths["prompts"].read_text().splitlines()][:size.samples]
+
+    def stage_config(model: Path, data: Path, run: str, peft: str, lr: float, epochs: float) -> SFTConfig:
+        return SFTConfig(model=ModelConfig(name_or_path=str(model)), peft=peft, output=str(out / run),
+                         data=DataConfig(sources=[DataSource(path=str(data))], max_length=128, eval_fraction=0.1),
+                         train=TrainConfig(lr=lr, epochs=epochs, batch_size=16, warmup_ratio=0.05, seed=seed,
+                                           log_every=25))
+
+    log("\n[base] continued training on raw review text (full parameters)")
+    t0 = time.time()
+    base_config = stage_config(paths["init"], paths["corpus"], "base", "none", 3e-3, size.base_epochs)
+    base = run_sft(base_config, quiet=True)
+    timings["base"] = time.time() - t0
+
+    log("\n[sft] instruction tuning with LoRA: 'Write a review of <title>.' -> review")
+    t0 = time.time()
+    sft_config = stage_config(base.final_dir, paths["instructions"], "sft", "lora", 3e-3, size.sft_epochs)
+    sft_config.lora.r = 16
+    sft = run_sft(sft_config, quiet=True)
+    timings["sft"] = time.time() - t0
+
+    t0 = time.time()
+    base_loss = _held_out_loss(base.final_dir, sft_config)
+    sft_loss = sft.train.eval_metrics["loss"]
+    before = _samples(base.final_dir, prompts, seed)
+    after = _samples(sft.final_dir, prompts, seed)
+    timings["samples"] = time.time() - t0
+
+    log("\n[samples] the same unseen prompts, before (base) and after (sft) instruction tuning:")
+    for prompt, old, new in zip(prompts, before, after):
+        instruction = prompt.split("### Instruction:\n")[1].split("\n")[0]
+        log(f"  {instruction}\n    base: {old.strip()[:160]!r}\n    sft:  {new.strip()[:160]!r}")
+    figures = {
+        "quick": quick, "runs": {"world": str(out / "world"), "base": str(base.run_dir), "sft": str(sft.run_dir)},
+        "held_out_loss": {"base": round(base_loss, 4), "sft": round(sft_loss, 4)},
+        "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - started, 1)},
+    }
+    (out / MARKER).write_text(json.dumps(figures, indent=2))
+    log(f"\nheld-out completion loss on the SFT task: base {base_loss:.3f} -> sft {sft_loss:.3f}")
+    log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter)")
+    log("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in figures["seconds"].items()))
+    return figures
