@@ -181,7 +181,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                         if not torch.isfinite(loss_sum):
                             good = run.latest_checkpoint()
                             raise TrainingError(
-                                f"the loss became {float(loss_sum)} at step {step + 1} (epoch {epoch}); stopped. "
+                                f"the loss became {float(loss_sum.detach())} at step {step + 1} (epoch {epoch}); stopped. "
                                 f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
                                 "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
                         accelerator.backward(loss_sum / n_items)

@@ -1,0 +1,29 @@
+"""Shared fixtures: a real byte-level BPE tokenizer from the demo world (built in well under a second)."""
+
+import pytest
+
+from tunelab.demo.world import build_tokenizer, make_reviews
+
+INSTRUCTION_TEXTS = [
+    "Write a review of The Silent Harbor.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nSummarize the text.\n\n### Input:\nThe film was long.\n\n### Response:\n",
+    "You are a helpful assistant. Answer briefly.",
+    "Translate the sentence into French.",
+    "What is the capital of France? Paris is the capital of France.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The demo tokenizer: bos <s> (added with add_special_tokens=True), eos </s>, pad <pad>, ChatML template."""
+    texts = [r["text"] for r in make_reviews(300, seed=0)] + INSTRUCTION_TEXTS * 3
+    return build_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    """A directory holding the saved tokenizer, loadable with AutoTokenizer / `--model`."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
