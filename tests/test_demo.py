@@ -1,0 +1,27 @@
+"""The demo pipeline end to end, at its quick size."""
+
+import json
+
+from tunelab.cli import main
+
+
+def test_quick_demo_runs_every_stage_and_sft_beats_base(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    figures = json.loads((out / "demo.json").read_text())
+    for stage in ("base", "sft"):
+        assert (out / stage / "final").is_dir()
+        assert (out / stage / "config.yaml").is_file()
+        assert (out / stage / "metrics.jsonl").read_text().strip()
+    assert (out / "sft" / "final" / "adapter_config.json").is_file()  # SFT trains a LoRA adapter
+    loss = figures["held_out_loss"]
+    assert loss["sft"] < loss["base"] - 0.1, loss
+    err = capsys.readouterr().err
+    assert "held-out completion loss on the SFT task" in err and "base:" in err and "sft:" in err
+
+
+def test_demo_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("precious")
+    assert main(["demo", "--quick", "--output", str(tmp_path)]) == 2
+    assert "not an earlier demo" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "precious"
