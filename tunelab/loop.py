@@ -129,7 +129,15 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     if not params:
         raise TrainingError("the model has no trainable parameters (check the peft settings)")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(plan(0)) / config.grad_accum)
+    # each optimizer step consumes grad_accum micro-batches per process; a tail too short to give
+    # every process a batch ends the epoch (a process without a batch would stall the others)
+    world = accelerator.num_processes
+    span = config.grad_accum * world
+    n_batches = len(plan(0))
+    if n_batches < world:
+        raise TrainingError(f"{n_batches} batches per epoch cannot feed {world} processes; use more data "
+                            "or a smaller batch size")
+    steps_per_epoch = n_batches // span + (n_batches % span >= world)
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = math.ceil(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -169,8 +177,9 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     try:
         while step < total:
             batches = plan(epoch)
-            while position < len(batches) and step < total:
-                group = [to_device(collate(ix), device) for ix in batches[position:position + config.grad_accum]]
+            while len(batches) - position >= world and step < total:
+                consumed = batches[position:position + span]
+                group = [to_device(collate(ix), device) for ix in consumed[accelerator.process_index::world]]
                 n_items = sum(b["n_items"] for b in group) or 1
                 step_loss, sums = 0.0, {}
                 for i, batch in enumerate(group):
@@ -194,7 +203,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step, position = step + 1, position + len(group)
+                step, position = step + 1, position + len(consumed)
                 last_loss = step_loss
 
                 window_steps += 1
@@ -219,7 +228,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                     run_eval()
                 if config.save_every and step % config.save_every == 0:
                     checkpoint_now()
-            if position >= len(batches):
+            if len(batches) - position < world:
                 epoch, position = epoch + 1, 0
     except KeyboardInterrupt:
         progress.close()

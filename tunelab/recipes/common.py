@@ -27,9 +27,15 @@ def absolute_if_local(name_or_path: str) -> str:
 
 def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool) -> RunDir:
     """Prepare the run directory and write the fully resolved config.yaml."""
+    from accelerate import PartialState
+
+    state = PartialState()
     run = RunDir(output)
-    run.prepare(resume=resume, overwrite=overwrite)
-    atomic_write_text(run.config, config_to_yaml(config))
+    state.wait_for_everyone()  # every process has checked the directory before it changes
+    if state.is_main_process:  # under `accelerate launch`, one process owns the directory
+        run.prepare(resume=resume, overwrite=overwrite)
+        atomic_write_text(run.config, config_to_yaml(config))
+    state.wait_for_everyone()
     return run
 
 
@@ -58,6 +64,11 @@ def eval_batches(rows: list[Rendered], batch_size: int, pad_id: int) -> list[dic
 
 def write_final(run: RunDir, model, tokenizer) -> Path:
     """Save the trained model (or adapter) and tokenizer to final/, atomically."""
-    with atomic_dir(run.final) as tmp:
-        save_pretrained(model, tokenizer, tmp)
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        with atomic_dir(run.final) as tmp:
+            save_pretrained(model, tokenizer, tmp)
+    state.wait_for_everyone()
     return run.final
