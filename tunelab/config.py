@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base of every config section: unknown keys are rejected, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "preference", "prompt"]
@@ -123,10 +123,12 @@ def _check_keys(cls: type[BaseModel], values: Any, prefix: str, origins: dict[st
         dotted = f"{prefix}{key}"
         if key not in fields:
             known = [f"{prefix}{name}" for name in fields]
-            hint = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            # compare the last part only: a shared "train." prefix would make anything look close
+            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6) or sorted(
+                (name for name in fields if str(key).startswith(name) or name.startswith(str(key))), key=len)[-1:]
             where = _origin(dotted, origins)
             msg = f"unknown config key '{dotted}'{where}"
-            msg += f" (did you mean '{hint[0]}'?)" if hint else f"; known keys here: {', '.join(known)}"
+            msg += f" (did you mean '{prefix}{hint[0]}'?)" if hint else f"; known keys here: {', '.join(known)}"
             raise ConfigError(msg)
         sub = _section_type(fields[key].annotation)
         if sub is None:
@@ -139,24 +141,42 @@ def _check_keys(cls: type[BaseModel], values: Any, prefix: str, origins: dict[st
 
 
 def _origin(dotted: str, origins: dict[str, str]) -> str:
+    """Where a key was set: itself or its nearest parent, else the first of its children."""
     parts = dotted.split(".")
     for n in range(len(parts), 0, -1):
         src = origins.get(".".join(parts[:n]))
         if src:
             return f" ({src})"
+    for key, src in origins.items():
+        if key.startswith(dotted + "."):
+            return f" ({src})"
     return ""
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
+    """Set `a.b.c` in a nested tree; a numeric part indexes into a list (`data.sources.0.weight`)."""
+    node: Any = tree
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config key '{dotted}': '{part}' is not an index of the "
+                                  f"{len(node)}-item list '{'.'.join(parts[:depth])}'")
+            part = int(part)
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node[part], (dict, list)):
+                    node[part] = {}
+                node = node[part]
+            continue
+        if last:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -170,7 +190,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split `key=value`; the value is read as YAML, so `3`, `2e-4`, `true`, `[a, b]` get their types."""
+    """Split `key=value`; the value is read as YAML (`3`, `true`, `[a, b]`, `{path: x}`).
+
+    Numbers that YAML reads as strings (`2e-4`) are converted by the field's type on validation, and
+    numbers given for string fields are kept as strings.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form key=value (for example train.lr=2e-4)")
@@ -215,12 +239,29 @@ def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: d
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        lines = []
+        lines: dict[str, list[str]] = {}
         for err in exc.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
+            dotted = _field_path(cls, err["loc"])
             got = err.get("input")
-            lines.append(f"config value '{dotted}'{_origin(dotted, origins)}: {err['msg']} (got {got!r})")
-        raise ConfigError("\n".join(lines)) from None
+            where = f"config value '{dotted}'{_origin(dotted, origins)}"
+            detail = f"{err['msg']} (got {got!r})"
+            if detail not in lines.setdefault(where, []):
+                lines[where].append(detail)
+        raise ConfigError("\n".join(f"{where}: {'; or '.join(details)}" for where, details in lines.items())) from None
+
+
+def _field_path(cls: type[BaseModel] | None, loc: tuple) -> str:
+    """The dotted key of an error location, without pydantic's union-member parts such as 'list[str]'."""
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif cls is not None and part in cls.model_fields:
+            parts.append(part)
+            cls = _section_type(cls.model_fields[part].annotation)
+        else:
+            break
+    return ".".join(parts)
 
 
 def config_to_yaml(config: BaseModel) -> str:

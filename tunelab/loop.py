@@ -124,7 +124,14 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     """Optimize the trainable parameters of `module`; see the module docstring for the contract."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no")
+    # precision is applied here rather than through Accelerator(mixed_precision=...): accelerate's
+    # state is a per-process singleton, and one process may run several recipes (the demo, a notebook)
+    accelerator = Accelerator()
+    device = accelerator.device
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters (check the peft settings)")
@@ -152,7 +159,6 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
         print(f"resumed from {checkpoint} (step {step}/{total})", file=sys.stderr)
     module, optimizer = accelerator.prepare(module, optimizer)
     raw_module = accelerator.unwrap_model(module)
-    device = accelerator.device
 
     def checkpoint_now() -> None:
         if accelerator.is_main_process:
@@ -162,7 +168,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     def run_eval() -> dict[str, float]:
         if not eval_batches:
             return {}
-        metrics = evaluate(module, eval_batches, step_fn, device, accelerator.autocast)
+        metrics = evaluate(module, eval_batches, step_fn, device, autocast)
         record = {"step": step, "split": "eval", **{f"eval_{k}": v for k, v in metrics.items()}}
         if accelerator.is_main_process:
             _append_metrics(run, record)
@@ -185,7 +191,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 for i, batch in enumerate(group):
                     sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(module)
                     with sync:
-                        with accelerator.autocast():
+                        with autocast():
                             loss_sum, metrics = step_fn(module, batch)
                         if not torch.isfinite(loss_sum):
                             good = run.latest_checkpoint()

@@ -215,3 +215,32 @@ def test_sft_help_documents_every_flag_and_config_key(capsys):
         assert flag in text, flag
     for key in ("lora.r", "train.lr", "data.max_length", "data.train_on_prompt", "model.gradient_checkpointing"):
         assert key in text, key
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_gradient_checkpointing_gives_the_same_training(world_dir, tmp_path, peft):
+    model_dir, data = world_dir
+    plain = sft_config(model_dir, data, tmp_path / "plain", peft=peft, max_steps=3, lr=5e-3)
+    plain.lora.dropout = 0.0
+    recomputed = plain.model_copy(deep=True)
+    recomputed.output = str(tmp_path / "recomputed")
+    recomputed.model.gradient_checkpointing = True
+    run_sft(plain, quiet=True)
+    run_sft(recomputed, quiet=True)
+    a = [m["loss"] for m in metrics(tmp_path / "plain")]
+    b = [m["loss"] for m in metrics(tmp_path / "recomputed")]
+    assert a == pytest.approx(b, abs=1e-5)
+    assert a[-1] < a[0]
+
+
+def test_bf16_autocast_trains_close_to_fp32(world_dir, tmp_path):
+    model_dir, data = world_dir
+    fp32 = sft_config(model_dir, data, tmp_path / "fp32", peft="none", max_steps=4, lr=5e-3)
+    bf16 = fp32.model_copy(deep=True)
+    bf16.output, bf16.train.precision = str(tmp_path / "bf16"), "bf16"
+    run_sft(fp32, quiet=True)
+    run_sft(bf16, quiet=True)
+    a = [m["loss"] for m in metrics(tmp_path / "fp32")]
+    b = [m["loss"] for m in metrics(tmp_path / "bf16")]
+    assert a[0] == pytest.approx(b[0], rel=0.01)  # same weights, bf16 matmuls: within 1%
+    assert b[-1] < b[0]

@@ -66,7 +66,7 @@ def _require_mapping(value: Any, where: str) -> dict[str, Any]:
 
 def _load_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -79,12 +79,18 @@ def _load_jsonl(path: Path) -> list[Row]:
     return rows
 
 
+_JSON_WRAPPERS = ("data", "rows", "examples", "records", "train")
+
+
 def _load_json(path: Path) -> list[Row]:
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        return []
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in _JSON_WRAPPERS:
         value = next(iter(value.values()))  # {"data": [...]} wrappers are common
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON array of objects (or use .jsonl), got {type(value).__name__}")
@@ -92,7 +98,7 @@ def _load_json(path: Path) -> list[Row]:
 
 
 def _load_csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames:
             return []
