@@ -367,14 +367,16 @@ def test_no_sources_and_no_usable_rows(tmp_path, tokenizer):
                                                                {"prompt": "b", "completion": "  "}])
     with pytest.raises(DataError) as info:
         prepare_sft_data(config_for(path), tokenizer)
-    assert str(info.value) == (f"{path}: none of its 2 rows is usable (2 empty, 0 longer than "
-                               "data.max_length=512 with overlong=truncate)")
+    assert str(info.value) == (f"{path}: none of its 2 rows is usable (0 dropped as too long, 2 dropped as "
+                               "empty; data.max_length=512, overlong=truncate)")
 
 
 def test_preference_rows_cannot_be_used_for_sft(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match=rf"^{path} line 1: 'preference' rows cannot be used for supervised"):
+    with pytest.raises(DataError) as info:
         prepare_sft_data(config_for(path), tokenizer)
+    assert str(info.value) == (f"{path}: rows are 'preference' data, which supervised fine-tuning cannot use; "
+                               "expected text or prompt_completion or alpaca or messages rows")
 
 
 # ----------------------------------------------------------------------------- every file type

@@ -88,7 +88,9 @@ class TrainConfig(Section):
     logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
 
 
-class SFTConfig(Section):
+class RecipeConfig(Section):
+    """Sections every training recipe has."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     peft: Literal["lora", "none"] = Field("lora", description="parameters to train: LoRA adapters or all")
@@ -101,6 +103,22 @@ class SFTConfig(Section):
         if self.train.lr is not None:
             return self.train.lr
         return 2e-4 if self.peft == "lora" else 2e-5
+
+
+class SFTConfig(RecipeConfig):
+    """Supervised fine-tuning."""
+
+
+class RewardConfig(Section):
+    center_coef: float = Field(
+        0.0, ge=0, description="reward centering: adds coef * mean((r_chosen + r_rejected)^2) (0: off)")
+    use_margin: bool = Field(True, description="subtract the rows' `margin` column inside the sigmoid")
+
+
+class RMConfig(RecipeConfig):
+    """Reward modeling with a Bradley-Terry loss."""
+
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,3 +101,40 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
     else:
         model = load_causal_lm(config)
     return model.eval(), tokenizer
+
+
+def load_reward_model(config: ModelConfig, pad_token_id: int | None) -> nn.Module:
+    """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load(AutoModelForSequenceClassification.from_pretrained, config.name_or_path, "reward model",
+                  num_labels=1, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code,
+                  use_safetensors=True)
+    model.config.pad_token_id = pad_token_id
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """(reward model, tokenizer) from a full model or a LoRA adapter directory, merged, in eval mode."""
+    config = ModelConfig(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(config)
+    if (Path(name_or_path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = _load(AutoPeftModelForSequenceClassification.from_pretrained, name_or_path, "reward adapter",
+                      num_labels=1, trust_remote_code=trust_remote_code).merge_and_unload()
+    else:
+        model = load_reward_model(config, tokenizer.pad_token_id)
+    return model.eval(), tokenizer
+
+
+def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
+    """Fold a causal-LM LoRA adapter into its base model and save a standalone model + tokenizer."""
+    from tunelab.checkpoint import atomic_dir
+
+    model, tokenizer = load_for_inference(adapter_dir)
+    with atomic_dir(Path(output_dir)) as tmp:
+        save_pretrained(model, tokenizer, tmp)
+    return Path(output_dir)

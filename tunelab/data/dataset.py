@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable, Generic, TypeVar
 
 from tunelab.config import DataConfig
-from tunelab.data.formats import to_examples
+from tunelab.data.formats import Example, to_examples
 from tunelab.data.load import DataError, load_rows
 from tunelab.data.templates import Rendered, fit_length, has_content, render_example
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -27,6 +30,7 @@ class SourceSummary:
     truncated: int = 0
     dropped_long: int = 0
     dropped_empty: int = 0
+    dropped_identical: int = 0
     train: int = 0
     held_out: int = 0
 
@@ -34,19 +38,24 @@ class SourceSummary:
     def per_epoch(self) -> int:
         return round(self.weight * self.train)
 
+    def drops(self) -> str:
+        text = f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped as empty"
+        if self.dropped_identical:
+            text += f", {self.dropped_identical} dropped with chosen == rejected"
+        return text
+
     def line(self) -> str:
         return (f"{self.path} [{self.format}]: {self.rows} rows, {self.kept} kept ({self.truncated} truncated), "
-                f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped as empty; "
-                f"{self.train} train / {self.held_out} held out; weight {self.weight:g} -> "
+                f"{self.drops()}; {self.train} train / {self.held_out} held out; weight {self.weight:g} -> "
                 f"{self.per_epoch} rows per epoch")
 
 
 @dataclass
-class TokenizedData:
-    """Train and held-out examples of every source, in source order, with their summaries."""
+class TokenizedData(Generic[Item]):
+    """Train and held-out items of every source, in source order, with their summaries."""
 
-    train: list[Rendered] = field(default_factory=list)
-    held_out: list[Rendered] = field(default_factory=list)
+    train: list[Item] = field(default_factory=list)
+    held_out: list[Item] = field(default_factory=list)
     sources: list[SourceSummary] = field(default_factory=list)
 
     @property
@@ -69,38 +78,54 @@ def split_held_out(n: int, fraction: float, cap: int, seed: int, key: str) -> se
     return set(random.Random(f"{seed}-heldout-{key}").sample(range(n), count))
 
 
-def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData:
-    """Load, validate, render and split every source of an SFT run.
+def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | None, str]],
+                 formats: tuple[str, ...], purpose: str, seed: int = 0) -> TokenizedData[Item]:
+    """Load, validate, render and split every source.
 
-    Raises DataError on malformed input, and when no usable rows remain.
+    `render` turns an example into an item and a status (kept, truncated, or dropped_long /
+    dropped_empty / dropped_identical with None). `formats` are the row formats `purpose` accepts.
+    Raises DataError on malformed input, on a source of the wrong format, and when a source has no
+    usable rows.
     """
     if not config.sources:
         raise DataError("no training data given: pass --data PATH (or set data.sources in the config)")
-    data = TokenizedData()
+    data: TokenizedData[Item] = TokenizedData()
     for source in config.sources:
         fmt, examples = to_examples(load_rows(source.path, source.split), source.format, source.path)
+        if fmt not in formats:
+            raise DataError(f"{source.path}: rows are '{fmt}' data, which {purpose} cannot use; expected "
+                            f"{' or '.join(formats)} rows")
         summary = SourceSummary(source.path, fmt, source.weight, rows=len(examples))
-        kept: list[Rendered] = []
+        kept: list[Item] = []
         for example in examples:
-            if not has_content(example):
-                summary.dropped_empty += 1
-                continue
-            rendered = render_example(example, tokenizer, train_on_prompt=config.train_on_prompt,
-                                      chat_template=config.chat_template)
-            fitted, status = fit_length(rendered, config.max_length, config.overlong)
-            if fitted is None:
-                summary.dropped_long += 1
+            item, status = render(example)
+            if item is None:
+                setattr(summary, status, getattr(summary, status) + 1)
                 continue
             summary.truncated += status == "truncated"
-            kept.append(fitted)
+            kept.append(item)
         summary.kept = len(kept)
         if not kept:
-            raise DataError(f"{source.path}: none of its {summary.rows} rows is usable "
-                            f"({summary.dropped_empty} empty, {summary.dropped_long} longer than "
-                            f"data.max_length={config.max_length} with overlong={config.overlong})")
+            raise DataError(f"{source.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
+                            f"data.max_length={config.max_length}, overlong={config.overlong})")
         held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, source.path)
         data.train.extend(r for i, r in enumerate(kept) if i not in held)
         data.held_out.extend(r for i, r in enumerate(kept) if i in held)
         summary.train, summary.held_out = len(kept) - len(held), len(held)
         data.sources.append(summary)
     return data
+
+
+SFT_FORMATS = ("text", "prompt_completion", "alpaca", "messages")
+
+
+def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[Rendered]:
+    """Tokenized SFT rows (ids + loss mask) of every source, split into train and held out."""
+    def render(example: Example) -> tuple[Rendered | None, str]:
+        if not has_content(example):
+            return None, "dropped_empty"
+        rendered = render_example(example, tokenizer, train_on_prompt=config.train_on_prompt,
+                                  chat_template=config.chat_template)
+        return fit_length(rendered, config.max_length, config.overlong)
+
+    return prepare_data(config, render, SFT_FORMATS, "supervised fine-tuning", seed)

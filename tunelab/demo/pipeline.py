@@ -24,7 +24,7 @@ from tunelab.demo import world
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
 from tunelab.modeling import load_for_inference
-from tunelab.recipes.common import eval_batches, log
+from tunelab.recipes.common import collate_rendered, eval_batches, log
 from tunelab.recipes.sft import run_sft, sft_step
 from tunelab.rollout import generate
 
@@ -83,7 +83,8 @@ def _held_out_loss(model_dir: Path, config: SFTConfig) -> float:
     """Completion loss of a model on the SFT run's held-out rows (the same split the run used)."""
     model, tokenizer = load_for_inference(str(model_dir))
     data = prepare_sft_data(config.data, tokenizer, seed=config.train.seed)
-    batches = eval_batches(data.held_out, config.train.batch_size, tokenizer.pad_token_id)
+    batches = eval_batches(data.held_out, [len(r.ids) for r in data.held_out], config.train.batch_size,
+                           lambda rows: collate_rendered(rows, tokenizer.pad_token_id))
     return evaluate(LogprobModel(model), batches, sft_step, torch.device("cpu"))["loss"]
 
 

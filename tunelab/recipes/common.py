@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Generic
 
+import torch
 from pydantic import BaseModel
+from torch import nn
 
 from tunelab.checkpoint import RunDir, atomic_dir, atomic_write_text
-from tunelab.config import config_to_yaml
+from tunelab.config import RecipeConfig, config_to_yaml
 from tunelab.data.batching import epoch_batches, mixture_indices, pad_batch
+from tunelab.data.dataset import Item, TokenizedData
 from tunelab.data.templates import Rendered
-from tunelab.modeling import save_pretrained
+from tunelab.modeling import apply_peft, count_parameters, load_tokenizer, save_pretrained
 
 
 def log(text: str) -> None:
@@ -39,6 +44,39 @@ def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool) 
     return run
 
 
+@dataclass
+class Prepared(Generic[Item]):
+    """What a recipe has once its inputs are validated: run directory, tokenizer, data, wrapped model."""
+
+    run: RunDir
+    tokenizer: object
+    data: TokenizedData[Item]
+    model: nn.Module
+
+
+def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
+                   prepare_data: Callable[[object], TokenizedData[Item]],
+                   load_model: Callable[[object], nn.Module], task_type: str) -> Prepared[Item]:
+    """Validate everything that can fail on bad input, then create the run directory.
+
+    Order matters: the output directory is checked first and only created once the model and data
+    have loaded, so a typo never leaves a half-made run behind.
+    """
+    RunDir(config.output).check(resume=resume, overwrite=overwrite)
+    config.model.name_or_path = absolute_if_local(config.model.name_or_path)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_data(tokenizer)
+    for line in data.summary_lines():
+        log(f"data: {line}")
+    torch.manual_seed(config.train.seed)
+    model = apply_peft(load_model(tokenizer), config.peft, config.lora, task_type=task_type)
+    trainable, total = count_parameters(model)
+    log(f"model: {config.model.name_or_path} ({config.peft}: training {trainable:,} of {total:,} parameters, "
+        f"{100 * trainable / total:.2f}%)")
+    run = start_run(config, config.output, resume=resume, overwrite=overwrite)
+    return Prepared(run, tokenizer, data, model)
+
+
 def collate_rendered(rows: list[Rendered], pad_id: int) -> dict:
     """Pad rendered rows into a batch with the loop's `n_items` (trained tokens) and `n_tokens`."""
     batch = pad_batch([r.ids for r in rows], [r.mask for r in rows], pad_id)
@@ -47,19 +85,20 @@ def collate_rendered(rows: list[Rendered], pad_id: int) -> dict:
     return batch
 
 
-def rendered_plan(lengths: list[int], source_sizes: list[int], weights: list[float], batch_size: int,
-                  seed: int, group_by_length: bool):
-    """The loop's `plan(epoch)`: mixture-weighted, optionally length-grouped batches of row indices."""
+def batch_plan(data: TokenizedData, lengths: list[int], config: RecipeConfig):
+    """The loop's `plan(epoch)`: mixture-weighted, optionally length-grouped batches of train indices."""
+    train = config.train
+
     def plan(epoch: int) -> list[list[int]]:
-        indices = mixture_indices(source_sizes, weights, seed, epoch)
-        return epoch_batches(indices, lengths, batch_size, seed, epoch, group_by_length)
+        indices = mixture_indices(data.source_sizes, data.weights, train.seed, epoch)
+        return epoch_batches(indices, lengths, train.batch_size, train.seed, epoch, train.group_by_length)
     return plan
 
 
-def eval_batches(rows: list[Rendered], batch_size: int, pad_id: int) -> list[dict]:
-    """Held-out rows sorted by length and batched (order does not matter for a mean)."""
-    ordered = sorted(rows, key=lambda r: len(r.ids))
-    return [collate_rendered(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+def eval_batches(items: list, lengths: list[int], batch_size: int, collate: Callable[[list], dict]) -> list[dict]:
+    """Held-out items sorted by length and batched (order does not matter for a mean)."""
+    ordered = [items[i] for i in sorted(range(len(items)), key=lambda i: lengths[i])]
+    return [collate(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
 
 def write_final(run: RunDir, model, tokenizer) -> Path:

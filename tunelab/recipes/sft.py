@@ -11,16 +11,14 @@ from pathlib import Path
 
 import torch
 
-from tunelab.checkpoint import RunDir
 from tunelab.config import SFTConfig
 from tunelab.data.dataset import TokenizedData, prepare_sft_data
+from tunelab.data.templates import resolve_chat_template
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import TrainResult, train
 from tunelab.losses import sft_loss
-from tunelab.modeling import apply_peft, count_parameters, load_causal_lm, load_tokenizer
-from tunelab.recipes.common import (absolute_if_local, collate_rendered, eval_batches, log, rendered_plan,
-                                    start_run, write_final)
-from tunelab.data.templates import resolve_chat_template
+from tunelab.modeling import load_causal_lm
+from tunelab.recipes.common import batch_plan, collate_rendered, eval_batches, log, prepare_recipe, write_final
 
 
 @dataclass
@@ -40,33 +38,27 @@ def sft_step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str,
 
 def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> SFTResult:
     """Train a causal LM with supervised fine-tuning and write `final/` into `config.output`."""
-    # everything that can fail on bad input runs before the run directory is touched
-    RunDir(config.output).check(resume=resume, overwrite=overwrite)
-    config.model.name_or_path = absolute_if_local(config.model.name_or_path)
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_sft_data(config.data, tokenizer, seed=config.train.seed)
-    for line in data.summary_lines():
-        log(f"data: {line}")
-    torch.manual_seed(config.train.seed)
-    model = apply_peft(load_causal_lm(config.model), config.peft, config.lora)
-    run = start_run(config, config.output, resume=resume, overwrite=overwrite)
-    trainable, total = count_parameters(model)
-    log(f"model: {config.model.name_or_path} ({config.peft}: training {trainable:,} of {total:,} parameters)")
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+                              prepare_data=lambda tok: prepare_sft_data(config.data, tok, seed=config.train.seed),
+                              load_model=lambda tok: load_causal_lm(config.model))
+    tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
     template = resolve_chat_template(tokenizer, config.data.chat_template)
     if template:
         tokenizer.chat_template = template  # final/ generates with the template it was trained on
 
-    pad_id = tokenizer.pad_token_id
+    def collate(rows):
+        return collate_rendered(rows, tokenizer.pad_token_id)
+
     rows = data.train
-    module = LogprobModel(model, config.train.logprob_chunk)
-    plan = rendered_plan([len(r.ids) for r in rows], data.source_sizes, data.weights, config.train.batch_size,
-                         config.train.seed, config.train.group_by_length)
-    result = train(module=module, step_fn=sft_step, plan=plan,
-                   collate=lambda ix: collate_rendered([rows[i] for i in ix], pad_id),
-                   eval_batches=eval_batches(data.held_out, config.train.batch_size, pad_id),
-                   config=config.train, lr=config.resolved_lr(), run=run, resume=resume, quiet=quiet, desc="sft")
-    final = write_final(run, model, tokenizer)
+    result = train(module=LogprobModel(model, config.train.logprob_chunk), step_fn=sft_step,
+                   plan=batch_plan(data, [len(r.ids) for r in rows], config),
+                   collate=lambda ix: collate([rows[i] for i in ix]),
+                   eval_batches=eval_batches(data.held_out, [len(r.ids) for r in data.held_out],
+                                             config.train.batch_size, collate),
+                   config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
+                   desc="sft")
+    final = write_final(prepared.run, model, tokenizer)
     eval_loss = result.eval_metrics.get("loss")
     log(f"sft done: {result.steps} steps in {result.seconds:.1f}s, last train loss {result.train_loss:.4f}"
         + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "") + f"; model in {final}")
-    return SFTResult(run.path, final, result, data)
+    return SFTResult(prepared.run.path, final, result, data)

@@ -1,0 +1,82 @@
+"""Preference pairs for reward modeling: (prompt, chosen, rejected, margin) -> two token sequences to score.
+
+A pair is scored as whole sequences, prompt + response: for an encoder (a tokenizer with [CLS] and
+[SEP]) as a text pair, for a causal LM as `bos + prompt + response + eos`, and for chat messages
+through the chat template. Pairs whose chosen and rejected are identical or empty teach nothing and
+are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.config import DataConfig
+from tunelab.data.dataset import TokenizedData, prepare_data
+from tunelab.data.formats import Example, Messages
+from tunelab.data.templates import _apply, _need_template, _tokens
+
+
+@dataclass
+class ScoredPair:
+    """Token ids of the chosen and rejected sequences `[T_c]`, `[T_r]` and the pair's margin."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+    where: str = ""
+
+
+def uses_text_pairs(tokenizer) -> bool:
+    """Encoders (BERT, MiniLM) take prompt and response as a [CLS] a [SEP] b [SEP] pair."""
+    return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+
+
+def _as_messages(value: str | Messages | None, role: str) -> Messages:
+    if value is None or value == "":
+        return []
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def scored_sequence(prompt: str | Messages | None, response: str | Messages, tokenizer,
+                    chat_template: str | None = None, where: str = "") -> list[int]:
+    """Token ids of prompt + response as a reward model reads them."""
+    if isinstance(prompt, list) or isinstance(response, list):
+        conversation = _as_messages(prompt, "user") + _as_messages(response, "assistant")
+        template = _need_template(tokenizer, chat_template, where)
+        return _tokens(tokenizer, _apply(tokenizer, template, conversation, False))
+    if uses_text_pairs(tokenizer):
+        encoded = tokenizer(prompt, response) if prompt else tokenizer(response)
+        return list(encoded["input_ids"])
+    if prompt:
+        return _tokens(tokenizer, prompt, special=True) + _tokens(tokenizer, response) + [tokenizer.eos_token_id]
+    return _tokens(tokenizer, response, special=True) + [tokenizer.eos_token_id]
+
+
+def _is_empty(value: str | Messages) -> bool:
+    if isinstance(value, list):
+        return not any(m["content"].strip() for m in value if m["role"] == "assistant")
+    return not value.strip()
+
+
+def to_pair(example: Example, tokenizer, config: DataConfig) -> tuple[ScoredPair | None, str]:
+    """Render one preference example; returns (pair or None, kept/truncated/dropped_* status)."""
+    if _is_empty(example.chosen) or _is_empty(example.rejected):
+        return None, "dropped_empty"
+    if example.chosen == example.rejected:
+        return None, "dropped_identical"
+    chosen, rejected = (scored_sequence(example.prompt, response, tokenizer, config.chat_template, example.where)
+                        for response in (example.chosen, example.rejected))
+    status = "kept"
+    if max(len(chosen), len(rejected)) > config.max_length:
+        if config.overlong == "drop":
+            return None, "dropped_long"
+        chosen, rejected, status = chosen[:config.max_length], rejected[:config.max_length], "truncated"
+        if chosen == rejected:  # the difference lay past max_length
+            return None, "dropped_long"
+    return ScoredPair(chosen, rejected, example.margin, example.where), status
+
+
+def prepare_preference_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[ScoredPair]:
+    """Rendered preference pairs of every source, split into train and held out."""
+    return prepare_data(config, lambda example: to_pair(example, tokenizer, config), ("preference",),
+                        "reward modeling", seed)

@@ -1,0 +1,82 @@
+"""Reward modeling: a one-output sequence classifier trained on preference pairs with a Bradley-Terry loss.
+
+What is specific here: the model role (a sequence-classification head on a causal LM or an encoder;
+with LoRA the head itself is trained in full), pairs scored chosen and rejected in one forward pass,
+and the pairwise loss with optional margin and reward centering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.config import RMConfig
+from tunelab.data.batching import pad_batch
+from tunelab.data.dataset import TokenizedData
+from tunelab.data.preference import ScoredPair, prepare_preference_data
+from tunelab.loop import TrainResult, train
+from tunelab.losses import bradley_terry_loss
+from tunelab.modeling import load_reward_model
+from tunelab.recipes.common import batch_plan, eval_batches, log, prepare_recipe, write_final
+from tunelab.rewards import RewardModule
+
+
+@dataclass
+class RMResult:
+    run_dir: Path
+    final_dir: Path
+    train: TrainResult
+    data: TokenizedData
+
+
+def collate_pairs(pairs: list[ScoredPair], pad_id: int) -> dict:
+    """Chosen rows then rejected rows in one padded batch `[2N, T]`, with margins `[N]`."""
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch = pad_batch(sequences, [[0] * len(s) for s in sequences], pad_id)
+    del batch["loss_mask"]
+    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    batch["n_items"] = len(pairs)
+    batch["n_tokens"] = int(batch["attention_mask"].sum())
+    return batch
+
+
+def reward_step(center_coef: float, use_margin: bool):
+    """The loop's step function: score both sides of every pair and apply the Bradley-Terry loss."""
+    def step(module: RewardModule, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        scores = module(batch["input_ids"], batch["attention_mask"])
+        chosen, rejected = scores.chunk(2)
+        loss_sum, metrics = bradley_terry_loss(chosen, rejected, batch["margin"] if use_margin else None,
+                                               center_coef)
+        return loss_sum, {k: float(v) for k, v in metrics.items()}
+    return step
+
+
+def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RMResult:
+    """Train a reward model and write `final/` (model or adapter + head, and tokenizer) into `config.output`."""
+    prepared = prepare_recipe(
+        config, resume=resume, overwrite=overwrite, task_type="SEQ_CLS",
+        prepare_data=lambda tok: prepare_preference_data(config.data, tok, seed=config.train.seed),
+        load_model=lambda tok: load_reward_model(config.model, tok.pad_token_id))
+    tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
+
+    def collate(pairs):
+        return collate_pairs(pairs, tokenizer.pad_token_id)
+
+    def lengths(pairs):
+        return [max(len(p.chosen), len(p.rejected)) for p in pairs]
+
+    pairs = data.train
+    result = train(module=RewardModule(model), step_fn=reward_step(config.reward.center_coef, config.reward.use_margin),
+                   plan=batch_plan(data, lengths(pairs), config),
+                   collate=lambda ix: collate([pairs[i] for i in ix]),
+                   eval_batches=eval_batches(data.held_out, lengths(data.held_out), config.train.batch_size, collate),
+                   config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
+                   desc="rm")
+    final = write_final(prepared.run, model, tokenizer)
+    held = result.eval_metrics
+    log(f"rm done: {result.steps} steps in {result.seconds:.1f}s"
+        + (f"; held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f}" if held else "")
+        + f"; model in {final}")
+    return RMResult(prepared.run.path, final, result, data)

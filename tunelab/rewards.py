@@ -1,0 +1,88 @@
+"""Reward sources. Here: a sequence-classification reward model, its pooling, and a batched scorer.
+
+A decoder reward model (a causal LM with a one-output `score` head) reads its score at the last
+attended token, found from the attention mask, so left and right padding give the same score, and a
+pad token equal to EOS is never confused with the sequence end. Encoders (BERT, MiniLM) use their
+own classification head on [CLS].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.data.preference import scored_sequence
+from tunelab.data.batching import pad_batch
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position of each row: `[B, T]` -> `[B]` (works for left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(dim=1)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar score per sequence: `[B, T]` -> `[B]` (fp32)."""
+    base = _unwrap(model)
+    head = getattr(base, "score", None)
+    if head is None:  # encoders: the model's own pooler + classifier
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    trunk = getattr(base, base.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return head(last)[:, 0].float()
+
+
+class RewardModule(nn.Module):
+    """Wraps a sequence-classification model so that forward returns `sequence_scores` (one DDP forward)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+
+class RewardScorer:
+    """Score prompt + response pairs with a trained reward model (a `tunelab rm` run or its final/).
+
+    >>> scorer = RewardScorer("runs/rm")
+    >>> scorer.score(["Write a review of X."], ["A superb film."])
+    [1.73]
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 16, device: str | None = None,
+                 chat_template: str | None = None):
+        from tunelab.modeling import load_reward_model_for_inference
+
+        path = Path(path)
+        if (path / "final").is_dir():
+            path = path / "final"
+        self.model, self.tokenizer = load_reward_model_for_inference(str(path))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.batch_size = batch_size
+        self.chat_template = chat_template
+
+    @torch.no_grad()
+    def score(self, prompts: list, responses: list) -> list[float]:
+        """Rewards of each (prompt, response); prompts and responses are strings or message lists."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: they must pair up")
+        sequences = [scored_sequence(p, r, self.tokenizer, self.chat_template) for p, r in zip(prompts, responses)]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        scores: list[float] = []
+        for start in range(0, len(sequences), self.batch_size):
+            chunk = [s[:limit] if limit else s for s in sequences[start:start + self.batch_size]]
+            batch = pad_batch(chunk, [[0] * len(s) for s in chunk], self.tokenizer.pad_token_id)
+            values = sequence_scores(self.model, batch["input_ids"].to(self.device),
+                                     batch["attention_mask"].to(self.device))
+            scores.extend(values.tolist())
+        return scores
