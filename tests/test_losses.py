@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from tunelab.losses import masked_mean, sft_loss
@@ -30,3 +31,54 @@ def test_masked_mean_ignores_masked_values_and_handles_empty_mask():
     values = torch.tensor([1.0, 2.0, 100.0])
     assert masked_mean(values, torch.tensor([1, 1, 0])).item() == 1.5
     assert masked_mean(values, torch.tensor([0, 0, 0])).item() == 0.0
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_bradley_terry_loss_hand_computed():
+    from tunelab.losses import bradley_terry_loss
+
+    chosen, rejected = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([1.0, 1.5, -1.0])
+    total, metrics = bradley_terry_loss(chosen, rejected)
+    expected = -(math.log(_sig(1.0)) + math.log(_sig(-1.0)) + math.log(_sig(0.0)))
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["accuracy"].item() == pytest.approx(1 / 3)  # a tie is not a win
+    assert metrics["margin"].item() == pytest.approx(0.0)
+    rewards = [2.0, 0.5, -1.0, 1.0, 1.5, -1.0]
+    mean = sum(rewards) / 6
+    assert metrics["reward_mean"].item() == pytest.approx(mean)
+    assert metrics["reward_std"].item() == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in rewards) / 6))
+
+
+def test_bradley_terry_equal_rewards_give_log2_and_margin_shifts_the_sigmoid():
+    from tunelab.losses import bradley_terry_loss
+
+    same = torch.tensor([0.3, -0.7])
+    assert bradley_terry_loss(same, same)[0].item() == pytest.approx(2 * math.log(2), rel=1e-6)
+    chosen, rejected, margin = torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([2.0])
+    # winning by exactly the margin counts as a tie: log 2
+    assert bradley_terry_loss(chosen, rejected, margin)[0].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert bradley_terry_loss(chosen, rejected, torch.tensor([0.5]))[0].item() == pytest.approx(
+        -math.log(_sig(1.5)), rel=1e-6)
+    # a large gap drives the loss to 0
+    assert bradley_terry_loss(torch.tensor([30.0]), torch.tensor([0.0]))[0].item() < 1e-12
+
+
+def test_reward_centering_adds_coef_times_squared_sum():
+    from tunelab.losses import bradley_terry_loss
+
+    chosen, rejected = torch.tensor([2.0, 1.0]), torch.tensor([1.0, -3.0])
+    plain = bradley_terry_loss(chosen, rejected)[0].item()
+    centered = bradley_terry_loss(chosen, rejected, center_coef=0.01)[0].item()
+    assert centered - plain == pytest.approx(0.01 * ((2 + 1) ** 2 + (1 - 3) ** 2), rel=1e-5)
+
+
+def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down():
+    from tunelab.losses import bradley_terry_loss
+
+    chosen = torch.tensor([0.0], requires_grad=True)
+    rejected = torch.tensor([0.0], requires_grad=True)
+    bradley_terry_loss(chosen, rejected)[0].backward()
+    assert chosen.grad.item() == pytest.approx(-0.5) and rejected.grad.item() == pytest.approx(0.5)

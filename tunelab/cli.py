@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from tunelab.config import ConfigError, SFTConfig, build_config, describe_fields
+from tunelab.config import ConfigError, RMConfig, SFTConfig, build_config, describe_fields
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -73,6 +73,24 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    from tunelab.recipes.reward import run_rm
+
+    config = _recipe_config(RMConfig, args)
+    result = run_rm(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    print(result.final_dir)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from tunelab.scoring import score_file
+
+    count = score_file(args.model, args.data, args.output, batch_size=args.batch_size)
+    if args.output:
+        print(f"scored {count} rows -> {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tunelab.data.dataset import prepare_sft_data
     from tunelab.data.inspect import inspect_report
@@ -107,6 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "data.train_on_prompt=true.", epilog=_keys_epilog(SFTConfig), formatter_class=formatter)
     _add_recipe_flags(sft, peft_choices=("lora", "none"))
     sft.set_defaults(func=cmd_sft)
+
+    rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
+                        description="Train a reward model: a one-output sequence-classification head on a causal "
+                        "LM (score read at the last non-padding token) or an encoder such as BERT/MiniLM, on rows "
+                        "with prompt/chosen/rejected (plain text or chat messages; prompt optional) and an "
+                        "optional margin. Loss: -log sigmoid(r_chosen - r_rejected - margin), plus "
+                        "reward.center_coef * mean((r_chosen + r_rejected)^2). With LoRA the score head trains "
+                        "in full. Pairs that are empty or identical are dropped and counted.",
+                        epilog=_keys_epilog(RMConfig), formatter_class=formatter)
+    _add_recipe_flags(rm, peft_choices=("lora", "none"))
+    rm.set_defaults(func=cmd_rm)
+
+    score = sub.add_parser("score", help="add a reward-model score to each prompt + response row",
+                           description="Score rows with a trained reward model (a `tunelab rm` run or its final/). "
+                           "Rows hold prompt + response (or completion), or a whole conversation in messages, "
+                           "or text. Writes each row with a `reward` field added, as JSONL, to --output or stdout.")
+    score.add_argument("--model", required=True, help="reward model: a `tunelab rm` run directory or model directory")
+    score.add_argument("--data", required=True, help="rows to score (.jsonl/.json/.csv/.parquet/...)")
+    score.add_argument("--output", help="JSONL file to write (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    score.set_defaults(func=cmd_score)
 
     ins = sub.add_parser("inspect", help="show rendered training rows with the trained tokens marked, and stats",
                          description="Render the first rows of a dataset exactly as training will see them, "

@@ -1,8 +1,8 @@
 """Reward sources. Here: a sequence-classification reward model, its pooling, and a batched scorer.
 
 A decoder reward model (a causal LM with a one-output `score` head) reads its score at the last
-attended token, found from the attention mask, so left and right padding give the same score, and a
-pad token equal to EOS is never confused with the sequence end. Encoders (BERT, MiniLM) use their
+attended token, found from the attention mask, with positions counted over real tokens, so left and
+right padding give the same score, and a pad token equal to EOS is never confused with the sequence end. Encoders (BERT, MiniLM) use their
 own classification head on [CLS].
 """
 
@@ -34,7 +34,10 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if head is None:  # encoders: the model's own pooler + classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     trunk = getattr(base, base.base_model_prefix)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # positions count real tokens only, so a left-padded row scores exactly like the unpadded one
+    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return head(last)[:, 0].float()
 

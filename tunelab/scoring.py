@@ -1,0 +1,46 @@
+"""`tunelab score`: add a reward-model score to every row of a file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tunelab.checkpoint import atomic_write_text
+from tunelab.data.formats import Row, _text_or_messages
+from tunelab.data.load import DataError, load_rows
+from tunelab.rewards import RewardScorer
+
+
+def _prompt_and_response(row: Row):
+    """(prompt, response) of a row: prompt + response/completion, a messages conversation, or text."""
+    values = row.values
+    if "messages" in values:
+        return None, _text_or_messages(row, "messages")
+    for key in ("response", "completion"):
+        if key in values:
+            prompt = _text_or_messages(row, "prompt", optional=True) if "prompt" in values else None
+            return prompt, _text_or_messages(row, key)
+    if "text" in values:
+        return None, _text_or_messages(row, "text")
+    raise DataError(f"{row.where}: nothing to score; expected 'prompt' + 'response' (or 'completion'), "
+                    f"'messages' or 'text', found {sorted(values)}")
+
+
+def score_file(model: str, data: str, output: str | None = None, batch_size: int = 16) -> int:
+    """Score every row of `data` with reward model `model`; write JSONL rows with `reward` added.
+
+    All rows are validated before any scoring, and the output file appears only when complete.
+    Returns the number of rows scored.
+    """
+    rows = load_rows(data)
+    pairs = [_prompt_and_response(row) for row in rows]
+    scorer = RewardScorer(model, batch_size=batch_size)
+    rewards = scorer.score([p for p, _ in pairs], [r for _, r in pairs])
+    lines = "".join(json.dumps({**row.values, "reward": reward}) + "\n" for row, reward in zip(rows, rewards))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(output), lines)
+    else:
+        sys.stdout.write(lines)
+    return len(rows)
