@@ -121,6 +121,28 @@ class RMConfig(RecipeConfig):
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="strength of the pull toward the reference (higher: stay closer)")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss variant")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="assumed label-noise rate (sigmoid: conservative DPO; robust)")
+    sft_weight: float = Field(0.0, ge=0, description="weight of an extra per-token NLL term on the chosen response")
+    precompute_ref: bool = Field(
+        False, description="compute reference log-probs once before training, then free the reference")
+
+
+class DPOConfig(RecipeConfig):
+    """Direct preference optimization."""
+
+    ref: str | None = Field(None, description="reference model (--ref); default: the starting model")
+    dpo: DPOSection = Field(default_factory=DPOSection)
+
+    def resolved_lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 5e-5 if self.peft == "lora" else 5e-7
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a config from layers
 

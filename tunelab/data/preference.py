@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from tunelab.config import DataConfig
 from tunelab.data.dataset import TokenizedData, prepare_data
 from tunelab.data.formats import Example, Messages
-from tunelab.data.templates import _apply, _need_template, _tokens
+from tunelab.data.load import DataError
+from tunelab.data.templates import Rendered, _apply, _need_template, _tokens, fit_length, render_example
 
 
 @dataclass
@@ -80,3 +81,62 @@ def prepare_preference_data(config: DataConfig, tokenizer, seed: int = 0) -> Tok
     """Rendered preference pairs of every source, split into train and held out."""
     return prepare_data(config, lambda example: to_pair(example, tokenizer, config), ("preference",),
                         "reward modeling", seed)
+
+
+@dataclass
+class PolicyPair:
+    """A preference pair rendered for DPO: prompt + chosen and prompt + rejected, masks on the completions.
+
+    `ref_chosen` / `ref_rejected` hold precomputed reference log-probs when the recipe computes them once.
+    """
+
+    chosen: Rendered
+    rejected: Rendered
+    where: str = ""
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+
+def split_prompt(example: Example) -> tuple[str | Messages, str, str]:
+    """(prompt, chosen text, rejected text): an implicit prompt is the shared history of two conversations."""
+    prompt, chosen, rejected = example.prompt, example.chosen, example.rejected
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise DataError(f"{example.where}: 'chosen' and 'rejected' must both be text or both be messages")
+        for side, messages in (("chosen", chosen), ("rejected", rejected)):
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"{example.where}: field '{side}' must end with an assistant message")
+        if prompt is None:
+            if chosen[:-1] != rejected[:-1]:
+                raise DataError(f"{example.where}: without a 'prompt', 'chosen' and 'rejected' must share every "
+                                "message but the last (the prompt is their common history)")
+            prompt = chosen[:-1]
+        elif isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+    return prompt if prompt is not None else "", chosen, rejected
+
+
+def to_policy_pair(example: Example, tokenizer, config: DataConfig) -> tuple[PolicyPair | None, str]:
+    """Render a preference example for DPO; returns (pair or None, kept/truncated/dropped_* status)."""
+    prompt, chosen, rejected = split_prompt(example)
+    if not chosen.strip() or not rejected.strip():
+        return None, "dropped_empty"
+    if chosen == rejected:
+        return None, "dropped_identical"
+    rendered, statuses = [], []
+    for completion in (chosen, rejected):
+        row = Example("prompt_completion", example.where, prompt=prompt, completion=completion)
+        fitted, status = fit_length(render_example(row, tokenizer, chat_template=config.chat_template),
+                                    config.max_length, config.overlong)
+        if fitted is None:
+            return None, status
+        rendered.append(fitted)
+        statuses.append(status)
+    return PolicyPair(rendered[0], rendered[1], example.where), "truncated" if "truncated" in statuses else "kept"
+
+
+def prepare_policy_pairs(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[PolicyPair]:
+    """DPO pairs of every source, split into train and held out."""
+    return prepare_data(config, lambda example: to_policy_pair(example, tokenizer, config), ("preference",),
+                        "preference optimization", seed)

@@ -4,11 +4,13 @@ Stages (each a real run directory under the output):
   world/  tokenizer, randomly initialised tiny Llama, synthetic review data files
   base/   continued training on raw review text (full parameters): the "base model"
   sft/    instruction tuning (LoRA) on "Write a review of <title>." -> a review
+  rm/     a reward model from the SFT model, trained on review pairs (the positive review preferred)
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,13 +19,14 @@ from pathlib import Path
 import torch
 
 from tunelab.checkpoint import RunDirError
-from tunelab.config import DataConfig, DataSource, ModelConfig, SFTConfig, TrainConfig
+from tunelab.config import DataConfig, DataSource, ModelConfig, RMConfig, SFTConfig, TrainConfig
 from tunelab.data.dataset import prepare_sft_data
 from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
-from tunelab.modeling import load_for_inference
+from tunelab.modeling import load_for_inference, merge_adapter
+from tunelab.recipes.reward import run_rm
 from tunelab.recipes.common import collate_rendered, eval_batches, log
 from tunelab.recipes.sft import run_sft, sft_step
 from tunelab.rollout import generate
@@ -41,13 +44,15 @@ class DemoSize:
     num_layers: int
     base_epochs: float
     sft_epochs: float
+    preference_pairs: int
+    rm_epochs: float
     samples: int
 
 
 FULL = DemoSize(corpus_reviews=4000, instruction_rows=2000, hidden_size=128, num_layers=4,
-                base_epochs=3, sft_epochs=2, samples=4)
+                base_epochs=3, sft_epochs=2, preference_pairs=800, rm_epochs=1, samples=4)
 QUICK = DemoSize(corpus_reviews=600, instruction_rows=300, hidden_size=64, num_layers=2,
-                 base_epochs=2, sft_epochs=1, samples=2)
+                 base_epochs=2, sft_epochs=1, preference_pairs=200, rm_epochs=1, samples=2)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -64,8 +69,14 @@ def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Pat
     tokenizer_texts = [r["text"] for r in corpus] + [alpaca_prompt(r["instruction"]) for r in instructions]
     tokenizer = world.build_tokenizer(tokenizer_texts)
     model = world.build_tiny_model(tokenizer, hidden_size=size.hidden_size, num_layers=size.num_layers, seed=seed)
+    rng = random.Random(seed + 3)
+    pairs = [{"prompt": alpaca_prompt(world.review_instruction(t)), "chosen": world.make_review(t, True, rng),
+              "rejected": world.make_review(t, False, rng)}
+             for t in world.make_titles(size.preference_pairs, seed + 3)]
     paths = {"init": directory / "init", "corpus": directory / "reviews.jsonl",
-             "instructions": directory / "instructions.jsonl", "prompts": directory / "prompts.jsonl"}
+             "instructions": directory / "instructions.jsonl", "prompts": directory / "prompts.jsonl",
+             "pairs": directory / "pairs.jsonl"}
+    _write_jsonl(paths["pairs"], pairs)
     model.save_pretrained(paths["init"])
     tokenizer.save_pretrained(paths["init"])
     _write_jsonl(paths["corpus"], [{"text": r["text"]} for r in corpus])
@@ -130,6 +141,18 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     sft = run_sft(sft_config, quiet=True)
     timings["sft"] = time.time() - t0
 
+    log("\n[rm] reward model from the SFT model: review pairs, the positive review preferred")
+    t0 = time.time()
+    sft_model = merge_adapter(str(sft.final_dir), str(out / "sft" / "merged"))
+    rm_config = RMConfig(model=ModelConfig(name_or_path=str(sft_model)), peft="none", output=str(out / "rm"),
+                         data=DataConfig(sources=[DataSource(path=str(paths["pairs"]))], max_length=192,
+                                         eval_fraction=0.1),
+                         train=TrainConfig(lr=1e-3, epochs=size.rm_epochs, batch_size=8, warmup_ratio=0.05,
+                                           seed=seed, log_every=25))
+    rm = run_rm(rm_config, quiet=True)
+    rm_accuracy = rm.train.eval_metrics["accuracy"]
+    timings["rm"] = time.time() - t0
+
     t0 = time.time()
     base_loss = _held_out_loss(base.final_dir, sft_config)
     sft_loss = sft.train.eval_metrics["loss"]
@@ -142,12 +165,17 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
         instruction = prompt.split("### Instruction:\n")[1].split("\n")[0]
         log(f"  {instruction}\n    base: {old.strip()[:160]!r}\n    sft:  {new.strip()[:160]!r}")
     figures = {
-        "quick": quick, "runs": {"world": str(out / "world"), "base": str(base.run_dir), "sft": str(sft.run_dir)},
+        "quick": quick,
+        "runs": {"world": str(out / "world"), "base": str(base.run_dir), "sft": str(sft.run_dir),
+                 "rm": str(rm.run_dir)},
         "held_out_loss": {"base": round(base_loss, 4), "sft": round(sft_loss, 4)},
+        "rm_held_out_accuracy": round(rm_accuracy, 4),
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - started, 1)},
     }
     (out / MARKER).write_text(json.dumps(figures, indent=2))
     log(f"\nheld-out completion loss on the SFT task: base {base_loss:.3f} -> sft {sft_loss:.3f}")
-    log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter)")
+    log(f"reward model held-out accuracy (positive review preferred): {rm_accuracy:.3f}")
+    log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter; merged in sft/merged), "
+        f"{out / 'rm'} (reward model)")
     log("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in figures["seconds"].items()))
     return figures

@@ -1,0 +1,153 @@
+"""Direct preference optimization: learn from preference pairs directly, with no reward model and no sampling.
+
+What is specific here: two model roles (the trained policy and a frozen reference), both sides of every
+pair in one forward pass with log-probs on completion tokens only, and the DPO loss family. The
+reference is, cheapest first:
+  - precomputed: log-probs computed once before training (`dpo.precompute_ref`), then the model is freed;
+  - the policy's own base with the adapter disabled (LoRA): no second copy in memory;
+  - a frozen copy (full fine-tuning, or `--ref` naming another model).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import PartialState
+from torch import nn
+
+from tunelab.config import DPOConfig, ModelConfig
+from tunelab.data.dataset import TokenizedData
+from tunelab.data.preference import PolicyPair, prepare_policy_pairs
+from tunelab.logprobs import LogprobModel, token_logprobs
+from tunelab.loop import TrainResult, to_device, train
+from tunelab.losses import dpo_loss
+from tunelab.modeling import load_causal_lm
+from tunelab.recipes.common import batch_plan, collate_rendered, eval_batches, log, prepare_recipe, write_final
+
+RefFn = Callable[[dict], torch.Tensor]
+
+
+@dataclass
+class DPOResult:
+    run_dir: Path
+    final_dir: Path
+    train: TrainResult
+    data: TokenizedData
+    reference: str
+
+
+def collate_policy_pairs(pairs: list[PolicyPair], pad_id: int) -> dict:
+    """Chosen rows then rejected rows `[2N, T]` with completion masks; precomputed `ref_logps [2N]` if known."""
+    batch = collate_rendered([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["n_items"] = len(pairs)
+    if all(p.ref_chosen is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
+    return batch
+
+
+def sequence_logprobs(model: nn.Module, batch: dict, chunk_size: int) -> torch.Tensor:
+    """Summed completion log-probs per row `[2N]`."""
+    return token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size).sum(-1)
+
+
+def reference_fn(policy: nn.Module, ref_model: nn.Module | None, chunk_size: int) -> RefFn:
+    """Reference log-probs of a batch: from `ref_model`, or from `policy` with its adapter disabled."""
+    @torch.no_grad()
+    def reference(batch: dict) -> torch.Tensor:
+        model = ref_model if ref_model is not None else policy
+        was_training = model.training
+        model.eval()  # no dropout in the reference
+        try:
+            if ref_model is not None:
+                return sequence_logprobs(ref_model, batch, chunk_size)
+            with policy.disable_adapter():
+                return sequence_logprobs(policy, batch, chunk_size)
+        finally:
+            model.train(was_training)
+    return reference
+
+
+def dpo_step(config: DPOConfig, reference: RefFn | None):
+    """The loop's step function: policy and reference log-probs of both sides, then the DPO loss."""
+    dpo = config.dpo
+
+    def step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sum(-1)
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference(batch)
+        policy_chosen, policy_rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref.chunk(2)
+        loss_sum, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, dpo.beta, dpo.loss,
+                                     dpo.label_smoothing)
+        if dpo.sft_weight:
+            chosen_tokens = batch["loss_mask"].chunk(2)[0].sum(-1).clamp(min=1)
+            nll = -(policy_chosen / chosen_tokens)
+            loss_sum = loss_sum + dpo.sft_weight * nll.sum()
+            metrics["sft_nll"] = nll.detach().mean()
+        return loss_sum, {k: float(v) for k, v in metrics.items()}
+    return step
+
+
+def precompute_reference(pairs: list[PolicyPair], reference: RefFn, pad_id: int, batch_size: int,
+                         device: torch.device) -> None:
+    """Store reference log-probs on every pair, so the reference model is needed only once."""
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ref = reference(to_device(collate_policy_pairs(chunk, pad_id), device)).tolist()
+        for pair, chosen, rejected in zip(chunk, ref[:len(chunk)], ref[len(chunk):]):
+            pair.ref_chosen, pair.ref_rejected = chosen, rejected
+
+
+def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> DPOResult:
+    """Optimize a policy on preference pairs and write `final/` into `config.output`."""
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+                              prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
+                              load_model=lambda tok: load_causal_lm(config.model))
+    tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
+    chunk = config.train.logprob_chunk
+    separate_ref = config.peft == "none" or (config.ref is not None and config.ref != config.model.name_or_path)
+    ref_model = None
+    if separate_ref:
+        ref_path = config.ref or config.model.name_or_path
+        ref_model = load_causal_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
+                                               trust_remote_code=config.model.trust_remote_code))
+        ref_model.requires_grad_(False).eval()
+    reference = reference_fn(policy, ref_model, chunk)
+    source = f"frozen copy of {config.ref or config.model.name_or_path}" if separate_ref else "adapter disabled"
+
+    device = PartialState().device
+    if config.dpo.precompute_ref:
+        for model in (policy, ref_model):
+            if model is not None:
+                model.to(device)
+        precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
+                             config.train.batch_size, device)
+        reference, ref_model = None, None  # freed: every batch now carries its reference log-probs
+        gc.collect()
+        source = f"precomputed ({source}), then freed"
+    log(f"reference: {source}")
+
+    def collate(pairs):
+        return collate_policy_pairs(pairs, tokenizer.pad_token_id)
+
+    def lengths(pairs):
+        return [len(p.chosen.ids) + len(p.rejected.ids) for p in pairs]
+
+    pairs = data.train
+    if ref_model is not None:
+        ref_model.to(device)
+    result = train(module=LogprobModel(policy, chunk), step_fn=dpo_step(config, reference),
+                   plan=batch_plan(data, lengths(pairs), config),
+                   collate=lambda ix: collate([pairs[i] for i in ix]),
+                   eval_batches=eval_batches(data.held_out, lengths(data.held_out), config.train.batch_size, collate),
+                   config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
+                   desc="dpo")
+    final = write_final(prepared.run, policy, tokenizer)
+    held = result.eval_metrics
+    log(f"dpo done: {result.steps} steps in {result.seconds:.1f}s"
+        + (f"; held-out reward accuracy {held['reward_accuracy']:.3f}, margin {held['reward_margin']:.3f}"
+           if held else "") + f"; model in {final}")
+    return DPOResult(prepared.run.path, final, result, data, source)
