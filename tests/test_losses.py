@@ -82,3 +82,55 @@ def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down():
     rejected = torch.tensor([0.0], requires_grad=True)
     bradley_terry_loss(chosen, rejected)[0].backward()
     assert chosen.grad.item() == pytest.approx(-0.5) and rejected.grad.item() == pytest.approx(0.5)
+
+
+def _dpo(z_chosen, z_rejected, **kwargs):
+    from tunelab.losses import dpo_loss
+
+    zero = torch.zeros(len(z_chosen))
+    return dpo_loss(torch.tensor(z_chosen), torch.tensor(z_rejected), zero, zero, **kwargs)
+
+
+def test_dpo_sigmoid_is_log2_when_policy_equals_reference():
+    from tunelab.losses import dpo_loss
+
+    logps = torch.tensor([-12.5, -3.0, -40.0])
+    total, metrics = dpo_loss(logps, logps - 1.0, logps, logps - 1.0, beta=0.3)
+    assert total.item() / 3 == pytest.approx(math.log(2), rel=1e-7)
+    assert metrics["reward_margin"].item() == 0.0 and metrics["reward_accuracy"].item() == 0.0
+
+
+def test_dpo_losses_hand_computed():
+    beta = 0.5
+    # z = (chosen logratio) - (rejected logratio) = 2 - (-2) = 4 for the single pair below
+    z = 4.0
+    assert _dpo([2.0], [-2.0], beta=beta)[0].item() == pytest.approx(-math.log(_sig(beta * z)), rel=1e-6)
+    eps = 0.1
+    cdpo = -(1 - eps) * math.log(_sig(beta * z)) - eps * math.log(_sig(-beta * z))
+    assert _dpo([2.0], [-2.0], beta=beta, label_smoothing=eps)[0].item() == pytest.approx(cdpo, rel=1e-6)
+    robust = (-(1 - eps) * math.log(_sig(beta * z)) + eps * math.log(_sig(-beta * z))) / (1 - 2 * eps)
+    assert _dpo([2.0], [-2.0], beta=beta, loss_type="robust", label_smoothing=eps)[0].item() == pytest.approx(
+        robust, rel=1e-6)
+    assert _dpo([2.0], [-2.0], beta=beta, loss_type="ipo")[0].item() == pytest.approx((z - 1 / (2 * beta)) ** 2)
+    assert _dpo([2.0], [-2.0], beta=beta, loss_type="hinge")[0].item() == pytest.approx(0.0)  # 1 - 0.5*4 < 0
+    assert _dpo([0.5], [0.0], beta=beta, loss_type="hinge")[0].item() == pytest.approx(1 - 0.25)
+
+
+def test_dpo_limits_and_metrics():
+    from tunelab.losses import dpo_loss
+
+    # a large margin in the right direction drives the sigmoid loss to 0, the wrong one grows linearly
+    assert _dpo([50.0], [-50.0], beta=1.0)[0].item() < 1e-30
+    assert _dpo([-50.0], [50.0], beta=1.0)[0].item() == pytest.approx(100.0, rel=1e-6)
+    # robust with eps = 0 is plain DPO
+    assert _dpo([1.0], [0.0], loss_type="robust")[0].item() == pytest.approx(_dpo([1.0], [0.0])[0].item())
+    # ipo is minimised exactly at z = 1 / (2 beta)
+    assert _dpo([5.0], [0.0], beta=0.1, loss_type="ipo")[0].item() == pytest.approx(0.0)
+    total, metrics = dpo_loss(torch.tensor([-10.0, -20.0]), torch.tensor([-15.0, -18.0]),
+                              torch.tensor([-11.0, -20.0]), torch.tensor([-14.0, -19.0]), beta=0.1)
+    assert metrics["reward_chosen"].item() == pytest.approx(0.1 * (1.0 + 0.0) / 2)
+    assert metrics["reward_rejected"].item() == pytest.approx(0.1 * (-1.0 + 1.0) / 2)
+    assert metrics["reward_accuracy"].item() == pytest.approx(0.5)
+    assert metrics["logp_chosen"].item() == pytest.approx(-15.0)
+    with pytest.raises(ValueError, match="unknown DPO loss 'kto'"):
+        _dpo([1.0], [0.0], loss_type="kto")

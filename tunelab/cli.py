@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from tunelab.config import ConfigError, RMConfig, SFTConfig, build_config, describe_fields
+from tunelab.config import ConfigError, DPOConfig, RMConfig, SFTConfig, build_config, describe_fields
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -61,6 +61,8 @@ def _recipe_config(cls, args: argparse.Namespace):
         "train.max_steps": args.max_steps, "train.epochs": args.epochs, "train.lr": args.lr,
         "train.batch_size": args.batch_size, "peft": args.peft,
     }
+    if hasattr(args, "ref"):
+        flags["ref"] = args.ref
     return build_config(cls, yaml_path=args.config, flags=flags, overrides=args.overrides)
 
 
@@ -78,6 +80,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     config = _recipe_config(RMConfig, args)
     result = run_rm(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    print(result.final_dir)
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from tunelab.recipes.dpo import run_dpo
+
+    config = _recipe_config(DPOConfig, args)
+    result = run_dpo(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     print(result.final_dir)
     return 0
 
@@ -136,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_keys_epilog(RMConfig), formatter_class=formatter)
     _add_recipe_flags(rm, peft_choices=("lora", "none"))
     rm.set_defaults(func=cmd_rm)
+
+    dpo = sub.add_parser("dpo", help="direct preference optimization on preference pairs (no reward model)",
+                         description="Direct Preference Optimization (Rafailov et al., 2023): optimize a policy on "
+                         "prompt/chosen/rejected rows with no reward model and no sampling. Losses: sigmoid (DPO; "
+                         "with dpo.label_smoothing: conservative DPO), robust, ipo, hinge; dpo.sft_weight adds an "
+                         "NLL term on the chosen response. The reference is the adapter-disabled base with LoRA "
+                         "(no second copy), a frozen copy with full fine-tuning or --ref, or precomputed once "
+                         "with dpo.precompute_ref=true.", epilog=_keys_epilog(DPOConfig), formatter_class=formatter)
+    _add_recipe_flags(dpo, peft_choices=("lora", "none"))
+    dpo.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
+    dpo.set_defaults(func=cmd_dpo)
 
     score = sub.add_parser("score", help="add a reward-model score to each prompt + response row",
                            description="Score rows with a trained reward model (a `tunelab rm` run or its final/). "
