@@ -113,3 +113,121 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         "logp_rejected": policy_rejected.detach().mean(),
     }
     return losses.sum(), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# RLHF with PPO (Schulman et al., 2017; Ziegler et al., 2019; Ouyang et al., 2022)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the positions where `mask` is set; with shift_mean=False the mean is kept.
+
+    `values`, `mask`: `[B, T]`. Masked positions come back as 0.
+    """
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of sampled tokens (Schulman, 2020).
+
+    k1 = log p - log q (unbiased, can be negative);  k3 = (q/p - 1) - log(q/p) (unbiased, always >= 0).
+    `logprobs`, `ref_logprobs`: `[B, T]` under the policy p and the reference q.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}'; expected k1 or k3")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL on every response token, plus the score on the last one.
+
+    `scores`: `[B]`; `kl`, `mask`: `[B, T]` (mask = response tokens, right-padded). Returns `[B, T]`.
+    """
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask.long()).argmax(dim=1)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al., 2016) over masked token sequences.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},
+    where V_{t+1} and A_{t+1} are 0 past the last unmasked token. Returns (advantages, returns = A + V),
+    both `[B, T]` and 0 on masked positions. `rewards`, `values`, `mask`: `[B, T]`.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    carry = torch.zeros_like(values[:, 0])
+    length = values.shape[1]
+    for t in reversed(range(length)):
+        next_mask = mask[:, t + 1] if t + 1 < length else torch.zeros_like(carry)
+        next_value = values[:, t + 1] * next_mask if t + 1 < length else torch.zeros_like(carry)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        carry = delta + gamma * lam * next_mask * carry
+        advantages[:, t] = carry
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective, token-level masked mean (Schulman et al., 2017).
+
+    ratio = exp(logp - logp_old);  loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
+    Returns (loss, metrics: clip fraction, approximate KL 0.5 * mean((logp - logp_old)^2)). All `[B, T]`.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    metrics = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask).detach(),
+               "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).detach()}
+    return loss, metrics
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip_range: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)).
+
+    Returns (loss, metrics: value clip fraction). All inputs `[B, T]`.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    return loss, {"value_clip_fraction": masked_mean((clipped_error > unclipped_error).float(), mask).detach()}
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target) over masked positions (1 = perfect, 0 = no better than the mean)."""
+    target_var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    residual = target - predicted
+    residual_var = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1 - residual_var / target_var.clamp(min=1e-8))
+
+
+class AdaptiveKLController:
+    """The adaptive KL coefficient of Ziegler et al. (2019): nudges kl_coef toward a target KL.
+
+    error = clip(KL / target - 1, -0.2, 0.2);  kl_coef *= 1 + error * n_steps / horizon
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+        return self.value

@@ -5,6 +5,8 @@ Stages (each a real run directory under the output):
   base/   continued training on raw review text (full parameters): the "base model"
   sft/    instruction tuning (LoRA) on "Write a review of <title>." -> a review
   rm/     a reward model from the SFT model, trained on review pairs (the positive review preferred)
+  dpo/    DPO from the SFT model (LoRA) on the same pairs; its effect is measured as the share of positive
+          reviews among sampled generations, judged by the world's sentiment lexicon (no trained model)
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pathlib import Path
 import torch
 
 from tunelab.checkpoint import RunDirError
-from tunelab.config import DataConfig, DataSource, ModelConfig, RMConfig, SFTConfig, TrainConfig
+from tunelab.config import DataConfig, DataSource, DPOConfig, ModelConfig, RMConfig, SFTConfig, TrainConfig
 from tunelab.data.dataset import prepare_sft_data
 from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
 from tunelab.modeling import load_for_inference, merge_adapter
+from tunelab.recipes.dpo import run_dpo
 from tunelab.recipes.reward import run_rm
 from tunelab.recipes.common import collate_rendered, eval_batches, log
 from tunelab.recipes.sft import run_sft, sft_step
@@ -46,13 +49,17 @@ class DemoSize:
     sft_epochs: float
     preference_pairs: int
     rm_epochs: float
+    dpo_epochs: float
+    judged_prompts: int
     samples: int
 
 
 FULL = DemoSize(corpus_reviews=4000, instruction_rows=2000, hidden_size=128, num_layers=4,
-                base_epochs=3, sft_epochs=2, preference_pairs=800, rm_epochs=1, samples=4)
+                base_epochs=3, sft_epochs=2, preference_pairs=800, rm_epochs=1,
+                dpo_epochs=1, judged_prompts=64, samples=4)
 QUICK = DemoSize(corpus_reviews=600, instruction_rows=300, hidden_size=64, num_layers=2,
-                 base_epochs=2, sft_epochs=1, preference_pairs=200, rm_epochs=1, samples=2)
+                 base_epochs=2, sft_epochs=1, preference_pairs=200, rm_epochs=1,
+                 dpo_epochs=1, judged_prompts=16, samples=2)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -64,7 +71,7 @@ def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Pat
     directory.mkdir(parents=True, exist_ok=True)
     corpus = world.make_reviews(size.corpus_reviews, seed)
     tasks = world.make_reviews(size.instruction_rows, seed + 1)
-    held_titles = world.make_titles(size.instruction_rows + 8, seed + 2)[-8:]  # unseen in training
+    held_titles = world.make_titles(size.judged_prompts, seed + 2)
     instructions = [{"instruction": world.review_instruction(r["title"]), "output": r["text"]} for r in tasks]
     tokenizer_texts = [r["text"] for r in corpus] + [alpaca_prompt(r["instruction"]) for r in instructions]
     tokenizer = world.build_tokenizer(tokenizer_texts)
@@ -88,6 +95,11 @@ def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Pat
 def _samples(model_dir: Path, prompts: list[str], seed: int) -> list[str]:
     model, tokenizer = load_for_inference(str(model_dir))
     return generate(model, tokenizer, prompts, max_new_tokens=48, temperature=0.7, top_p=0.95, seed=seed)
+
+
+def positive_share(responses: list[str]) -> float:
+    """Share of responses the lexicon judge calls positive."""
+    return sum(world.is_positive(r) for r in responses) / len(responses)
 
 
 def _held_out_loss(model_dir: Path, config: SFTConfig) -> float:
@@ -120,7 +132,8 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
         f"{size.corpus_reviews} + {size.instruction_rows} synthetic reviews in {out / 'world'}")
     paths = build_world(out / "world", size, seed)
     timings["world"] = time.time() - started
-    prompts = [json.loads(line)["prompt"] for line in paths["prompts"].read_text().splitlines()][:size.samples]
+    judged = [json.loads(line)["prompt"] for line in paths["prompts"].read_text().splitlines()]
+    prompts = judged[:size.samples]
 
     def stage_config(model: Path, data: Path, run: str, peft: str, lr: float, epochs: float) -> SFTConfig:
         return SFTConfig(model=ModelConfig(name_or_path=str(model)), peft=peft, output=str(out / run),
@@ -153,7 +166,20 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     rm_accuracy = rm.train.eval_metrics["accuracy"]
     timings["rm"] = time.time() - t0
 
+    log("\n[dpo] direct preference optimization from the SFT model (LoRA) on the same review pairs")
     t0 = time.time()
+    dpo_config = DPOConfig(model=ModelConfig(name_or_path=str(sft_model)), peft="lora", output=str(out / "dpo"),
+                           data=DataConfig(sources=[DataSource(path=str(paths["pairs"]))], max_length=192,
+                                           eval_fraction=0.1),
+                           train=TrainConfig(lr=2e-3, epochs=size.dpo_epochs, batch_size=8, warmup_ratio=0.05,
+                                             seed=seed, log_every=25))
+    dpo_config.lora.r = 16
+    dpo = run_dpo(dpo_config, quiet=True)
+    timings["dpo"] = time.time() - t0
+
+    t0 = time.time()
+    share = {"sft": positive_share(_samples(sft_model, judged, seed)),
+             "dpo": positive_share(_samples(dpo.final_dir, judged, seed))}
     base_loss = _held_out_loss(base.final_dir, sft_config)
     sft_loss = sft.train.eval_metrics["loss"]
     before = _samples(base.final_dir, prompts, seed)
@@ -167,15 +193,20 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     figures = {
         "quick": quick,
         "runs": {"world": str(out / "world"), "base": str(base.run_dir), "sft": str(sft.run_dir),
-                 "rm": str(rm.run_dir)},
+                 "rm": str(rm.run_dir), "dpo": str(dpo.run_dir)},
         "held_out_loss": {"base": round(base_loss, 4), "sft": round(sft_loss, 4)},
         "rm_held_out_accuracy": round(rm_accuracy, 4),
+        "dpo_held_out_reward_accuracy": round(dpo.train.eval_metrics["reward_accuracy"], 4),
+        "positive_share": {k: round(v, 4) for k, v in share.items()},
+        "judged_generations": len(judged),
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - started, 1)},
     }
     (out / MARKER).write_text(json.dumps(figures, indent=2))
     log(f"\nheld-out completion loss on the SFT task: base {base_loss:.3f} -> sft {sft_loss:.3f}")
     log(f"reward model held-out accuracy (positive review preferred): {rm_accuracy:.3f}")
+    log(f"positive share of {len(judged)} sampled reviews (lexicon judge): sft {100 * share['sft']:.0f}% -> "
+        f"dpo {100 * share['dpo']:.0f}%")
     log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter; merged in sft/merged), "
-        f"{out / 'rm'} (reward model)")
+        f"{out / 'rm'} (reward model), {out / 'dpo'} (DPO adapter)")
     log("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in figures["seconds"].items()))
     return figures
