@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from tunelab.config import ConfigError, DPOConfig, RMConfig, SFTConfig, build_config, describe_fields
+from tunelab.config import (ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, build_config,
+                            describe_fields)
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -63,6 +64,8 @@ def _recipe_config(cls, args: argparse.Namespace):
     }
     if hasattr(args, "ref"):
         flags["ref"] = args.ref
+    if hasattr(args, "reward"):
+        flags["reward.source"] = args.reward
     return build_config(cls, yaml_path=args.config, flags=flags, overrides=args.overrides)
 
 
@@ -89,6 +92,15 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
     config = _recipe_config(DPOConfig, args)
     result = run_dpo(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    print(result.final_dir)
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from tunelab.recipes.ppo import run_ppo
+
+    config = _recipe_config(PPOConfig, args)
+    result = run_ppo(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     print(result.final_dir)
     return 0
 
@@ -159,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
     dpo.set_defaults(func=cmd_dpo)
 
+    ppo = sub.add_parser("ppo", help="RLHF with PPO: sample, score with a reward, optimize with a KL penalty",
+                         description="RLHF with PPO. Each iteration samples responses for --batch-size prompts "
+                         "(generation.* parameters, optional length sampler), scores them with --reward (a `tunelab "
+                         "rm` run, pipeline:MODEL with reward.label, or module:function), computes per-token rewards "
+                         "(score on the last token minus ppo.kl_coef * KL to the frozen reference), GAE advantages, "
+                         "and runs ppo.epochs of clipped policy and value updates. --max-steps is the number of "
+                         "iterations. With LoRA one base model serves policy, value head and reference.",
+                         epilog=_keys_epilog(PPOConfig), formatter_class=formatter)
+    _add_recipe_flags(ppo, peft_choices=("lora", "none"))
+    ppo.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
+                     "module:function (reward.source)")
+    ppo.set_defaults(func=cmd_ppo)
+
     score = sub.add_parser("score", help="add a reward-model score to each prompt + response row",
                            description="Score rows with a trained reward model (a `tunelab rm` run or its final/). "
                            "Rows hold prompt + response (or completion), or a whole conversation in messages, "
@@ -209,12 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.data.load import DataError
     from tunelab.loop import TrainingError
     from tunelab.modeling import ModelLoadError
+    from tunelab.rewards import RewardSourceError
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError) as exc:
+    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError) as exc:
         print(f"tunelab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

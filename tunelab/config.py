@@ -143,6 +143,61 @@ class DPOConfig(RecipeConfig):
         return 5e-5 if self.peft == "lora" else 5e-7
 
 
+class GenerationConfig(Section):
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1: all)")
+    repetition_penalty: float = Field(1.0, gt=0, description="penalty on tokens already present (1: none)")
+    min_new_tokens: int = Field(1, ge=0, description="shortest response")
+    max_new_tokens: int = Field(48, ge=1, description="longest response (upper end of the length sampler)")
+    length_sampler_min: int | None = Field(
+        None, ge=1, description="if set, each batch's max length is drawn uniformly from [this, max_new_tokens]")
+
+
+class PPORewardConfig(Section):
+    source: str = Field("", description="reward: a `tunelab rm` run/model dir, pipeline:MODEL, or module:function "
+                        "(--reward)")
+    label: str | None = Field(None, description="pipeline label whose score is the reward (e.g. POSITIVE)")
+    missing_eos_penalty: float | None = Field(
+        None, description="added to the score of responses that never emit EOS (e.g. -1.0)")
+    clip: float | None = Field(None, gt=0, description="clip scores to [-clip, clip]")
+    normalize: bool = Field(False, description="whiten scores over each rollout batch")
+    batch_size: int = Field(16, ge=1, description="sequences per reward-model forward pass")
+
+
+class PPOSection(Section):
+    epochs: int = Field(4, ge=1, description="passes over each rollout batch")
+    minibatch_size: int = Field(8, ge=1, description="rollouts per optimizer step")
+    clip_range: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    value_clip: float = Field(0.2, gt=0, description="value clip epsilon")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    entropy_coef: float = Field(0.0, ge=0, description="weight of the entropy bonus")
+    gamma: float = Field(1.0, gt=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient (initial value if adaptive)")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator in the reward")
+    adaptive_kl: bool = Field(False, description="adapt kl_coef toward kl_target (Ziegler et al., 2019)")
+    kl_target: float = Field(6.0, gt=0, description="target KL for the adaptive controller")
+    kl_horizon: int = Field(10000, ge=1, description="horizon of the adaptive controller")
+    target_kl: float | None = Field(
+        None, gt=0, description="stop an iteration's epochs early when approx KL exceeds this")
+    whiten_advantages: bool = Field(True, description="whiten advantages over the batch")
+    sample_every: int = Field(10, ge=0, description="log prompt/response/score samples every N iterations (0: off)")
+
+
+class PPOConfig(RecipeConfig):
+    """RLHF with PPO: train.max_steps = iterations, train.batch_size = prompts per rollout."""
+
+    reward: PPORewardConfig = Field(default_factory=PPORewardConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+
+    def resolved_lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 1e-4 if self.peft == "lora" else 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a config from layers
 

@@ -29,20 +29,33 @@ def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)
 
 
+def _chunk_logprobs_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logprobs = F.log_softmax(head(hidden).float(), dim=-1)
+    picked = torch.gather(logprobs, 1, targets.unsqueeze(1)).squeeze(1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return torch.stack([picked, entropy], dim=1)
+
+
 def head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int = 2048) -> torch.Tensor:
-    """log p(target | hidden) for gathered rows: `hidden [N, H]`, `targets [N]` -> `[N]` fp32."""
+                  chunk_size: int = 2048, with_entropy: bool = False) -> torch.Tensor:
+    """log p(target | hidden) for gathered rows: `hidden [N, H]`, `targets [N]` -> `[N]` fp32.
+
+    With `with_entropy`, returns `[N, 2]`: the log-prob and the entropy of the next-token distribution.
+    """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        return hidden.new_zeros((0, 2) if with_entropy else 0, dtype=torch.float32)
+    fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
     recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_size
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if recompute:
-            parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(head, h, t))
+        parts.append(checkpoint(fn, head, h, t, use_reentrant=False) if recompute else fn(head, h, t))
     return torch.cat(parts)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: left padding then gives the same positions as none."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -54,7 +67,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     Returns `[B, T]` fp32 log-probs, 0 where `loss_mask` is 0.
     """
     trunk, head = trunk_and_head(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     scored = loss_mask[:, 1:].bool()
     picked = head_logprobs(head, hidden[:, :-1][scored], input_ids[:, 1:][scored], chunk_size)
     shifted = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, picked)

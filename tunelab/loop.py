@@ -72,15 +72,17 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self.start, self.start_step = time.time(), initial
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, **shown: float) -> None:
+        """Advance to `step`, showing the given values (e.g. loss=..., tok_s=...)."""
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:,.4g}" for k, v in shown.items()}, refresh=False)
         elif step % self.log_every == 0 or step == self.total:
             done = step - self.start_step
             eta = (time.time() - self.start) / max(1, done) * (self.total - step)
-            print(f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
-                  f"eta {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
+            values = " | ".join(f"{k} {v:,.4g}" for k, v in shown.items())
+            print(f"step {step}/{self.total} | {values} | eta {int(eta) // 60}:{int(eta) % 60:02d}",
+                  file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -221,7 +223,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                     window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
                 elapsed = time.time() - window_start
                 tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                progress.update(step, step_loss, tokens_per_s)
+                progress.update(step, loss=step_loss, tok_s=tokens_per_s)
                 if step % config.log_every == 0 or step == total:
                     record = {"step": step, "epoch": round(epoch + position / len(batches), 4),
                               **{k: v / window_steps for k, v in window.items()},

@@ -8,13 +8,17 @@ own classification head on [CLS].
 
 from __future__ import annotations
 
+import importlib
+import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from tunelab.data.preference import scored_sequence
 from tunelab.data.batching import pad_batch
+from tunelab.logprobs import position_ids_from_mask
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -35,9 +39,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
     trunk = getattr(base, base.base_model_prefix)
     # positions count real tokens only, so a left-padded row scores exactly like the unpadded one
-    position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).last_hidden_state
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return head(last)[:, 0].float()
 
@@ -89,3 +92,60 @@ class RewardScorer:
                                      batch["attention_mask"].to(self.device))
             scores.extend(values.tolist())
         return scores
+
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+class RewardSourceError(ValueError):
+    """A reward source could not be found or used; the message says which and what was expected."""
+
+
+def _pipeline_reward(model: str, label: str | None, batch_size: int) -> RewardFn:
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=model, top_k=None)
+
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        # as in the classic sentiment lab, the classifier reads the whole text, prompt + response
+        outputs = classifier([p + r for p, r in zip(prompts, responses)], batch_size=batch_size, truncation=True)
+        chosen = label or outputs[0][0]["label"]
+        scores = []
+        for result in outputs:
+            by_label = {item["label"]: item["score"] for item in result}
+            if chosen not in by_label:
+                raise RewardSourceError(f"reward pipeline {model} has no label '{chosen}'; it has {sorted(by_label)}")
+            scores.append(by_label[chosen])
+        return scores
+    return score
+
+
+def _callable_reward(spec: str) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise RewardSourceError(f"reward callable '{spec}' could not be imported ({exc}); expected module:function") from None
+    if not callable(fn):
+        raise RewardSourceError(f"reward '{spec}' is not callable")
+    return fn
+
+
+def load_reward_fn(source: str, label: str | None = None, batch_size: int = 16) -> RewardFn:
+    """A function (prompts, responses) -> scores from a reward source.
+
+    `source` is a `tunelab rm` run or model directory; `pipeline:MODEL` for a Hugging Face
+    text-classification pipeline, scoring prompt + response and picking `label`'s score (default: the
+    first label); or `module:function`, a Python callable taking lists of prompts and responses.
+    A config never executes code: the callable is named, and must be importable.
+    """
+    if not source:
+        raise RewardSourceError("no reward given: pass --reward (a tunelab rm run, pipeline:MODEL, or module:function)")
+    if source.startswith("pipeline:"):
+        return _pipeline_reward(source[len("pipeline:"):], label, batch_size)
+    if Path(source).exists():
+        return RewardScorer(source, batch_size=batch_size).score
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", source):
+        return _callable_reward(source)
+    raise RewardSourceError(f"reward source '{source}' is not an existing reward-model directory, pipeline:MODEL, "
+                     "or module:function")

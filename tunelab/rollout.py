@@ -1,6 +1,9 @@
-"""Batched generation with the KV cache (HF `generate`)."""
+"""Generation: batched sampling with the KV cache (HF `generate`), and PPO rollouts."""
 
 from __future__ import annotations
+
+import random
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,3 +39,81 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+class LengthSampler:
+    """Draws each rollout batch's response length limit uniformly from [low, high] (both inclusive)."""
+
+    def __init__(self, low: int, high: int):
+        if low > high:
+            raise ValueError(f"length sampler range is empty: min {low} > max {high}")
+        self.low, self.high = low, high
+
+    def __call__(self, rng: random.Random) -> int:
+        return rng.randint(self.low, self.high)
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which generated tokens belong to the response: everything up to and including the first EOS.
+
+    Decided by position, not by token id, so padding that reuses the EOS id is never mistaken for
+    content. `response_ids`: `[B, R]`. Returns (mask `[B, R]`, ended `[B]` = an EOS was emitted).
+    """
+    is_eos = response_ids == eos_token_id
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before t
+    return (eos_before == 0).long(), is_eos.any(dim=1)
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses, laid out for scoring the response tokens.
+
+    `input_ids`, `attention_mask`, `loss_mask`: `[B, P + R]` (prompt left-padded to P, response
+    right-padded to R; loss_mask marks the response tokens); `ended`: `[B]`.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    ended: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.loss_mask.sum(1)
+
+
+@torch.no_grad()
+def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                    min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0) -> Rollout:
+    """Sample one response per prompt with the KV cache (batched, left-padded prompts)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    try:
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **sampling)
+    finally:
+        model.train(was_training)
+    width = encoded["input_ids"].shape[1]
+    response = output[:, width:]
+    mask, ended = response_mask(response, tokenizer.eos_token_id)
+    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    prompt_mask = encoded["attention_mask"]
+    return Rollout(input_ids=torch.cat([encoded["input_ids"], response], 1),
+                   attention_mask=torch.cat([prompt_mask, mask], 1),
+                   loss_mask=torch.cat([torch.zeros_like(prompt_mask), mask], 1),
+                   ended=ended, prompts=list(prompts), responses=texts)

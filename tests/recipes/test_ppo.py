@@ -1,0 +1,132 @@
+"""PPO end to end: EOS/padding handling, learning a reward, staying near the reference under a large KL penalty."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import make_tiny_model_dir, write_jsonl
+from tunelab.cli import main
+from tunelab.config import DataConfig, DataSource, ModelConfig, PPOConfig, TrainConfig
+from tunelab.recipes.ppo import PolicyWithValueHead, run_ppo
+from tunelab.rewards import RewardSourceError, load_reward_fn
+from tunelab.rollout import response_mask
+
+
+def letter_a_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Favours tokens with the letter 'a': the share of a response's characters that are 'a' (x10)."""
+    return [10 * r.count("a") / max(1, len(r)) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("ppo") / "model")
+
+
+def ppo_config(model, prompts, output, **overrides) -> PPOConfig:
+    config = PPOConfig(model=ModelConfig(name_or_path=str(model)), output=str(output), peft="none",
+                       data=DataConfig(sources=[DataSource(path=str(prompts))], eval_fraction=0.0),
+                       train=TrainConfig(lr=1e-2, batch_size=16, max_steps=30, warmup_ratio=0.0, log_every=10))
+    config.ppo.kl_coef = 0.1
+    config.reward.source = "tests.recipes.test_ppo:letter_a_reward"
+    config.generation.max_new_tokens = 8
+    config.generation.min_new_tokens = 8
+    config.ppo.minibatch_size = 8
+    config.ppo.sample_every = 0
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    rows = [{"prompt": f"Write a review of Film {i}.\n"} for i in range(64)]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
+def test_response_mask_is_positional_when_pad_equals_eos():
+    eos = pad = 2
+    generated = torch.tensor([[5, 6, eos, pad, pad], [7, 8, 9, 10, 11], [eos, pad, pad, pad, pad]])
+    mask, ended = response_mask(generated, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_value_head_forward_places_values_on_response_tokens(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    module = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(tiny_dir)).eval()
+    ids = torch.tensor([[0, 1, 5, 6, 7, 8], [1, 5, 6, 7, 8, 9]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left-padded prompt
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    logprobs, values, entropy = module(ids, attention, loss_mask)
+    for tensor in (logprobs, values, entropy):
+        assert tensor.shape == (2, 6) and (tensor[:, :3] == 0).all()
+    assert (logprobs[:, 3:] < 0).all() and (entropy[:, 3:] > 0).all()
+    # row 0 is row 1 shifted by one pad: positions come from the mask, so the shared tokens score alike
+    same = module(ids[:1, 1:], attention[:1, 1:], loss_mask[:1, 1:])[0]
+    assert torch.allclose(same[0, 2:], logprobs[0, 3:], atol=1e-5)
+
+
+def test_ppo_raises_the_score_while_kl_stays_bounded(tiny_dir, prompts, tmp_path):
+    result = run_ppo(ppo_config(tiny_dir, prompts, tmp_path / "run"), quiet=True)
+    history = result.history
+    assert len(history) == 30
+    first = sum(h["score_mean"] for h in history[:5]) / 5
+    last = sum(h["score_mean"] for h in history[-5:]) / 5
+    assert last > first + 0.5, (first, last)
+    assert max(h["kl"] for h in history) < 25  # the penalty holds the policy within reach of the reference
+    keys = {"score_mean", "score_std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_fraction",
+            "approx_kl", "explained_variance", "response_length", "eos_rate", "rollout_s", "learn_s"}
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert keys <= set(logged[0]) and [m["step"] for m in logged] == list(range(1, 31))
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_large_kl_coef_keeps_the_policy_near_the_reference(tiny_dir, prompts, tmp_path):
+    free = run_ppo(ppo_config(tiny_dir, prompts, tmp_path / "free", ppo__kl_coef=0.0), quiet=True)
+    held = run_ppo(ppo_config(tiny_dir, prompts, tmp_path / "held", ppo__kl_coef=5.0), quiet=True)
+    free_kl = sum(h["kl"] for h in free.history[-5:]) / 5
+    held_kl = sum(h["kl"] for h in held.history[-5:]) / 5
+    assert held_kl < free_kl / 3, (held_kl, free_kl)
+    assert abs(held_kl) < 0.5
+
+
+def test_adaptive_kl_coef_changes_and_lora_uses_the_disabled_adapter(tiny_dir, prompts, tmp_path, capsys):
+    config = ppo_config(tiny_dir, prompts, tmp_path / "run", ppo__adaptive_kl=True, ppo__kl_target=0.01,
+                        ppo__kl_horizon=100, train__max_steps=6)
+    config.peft = "lora"
+    config.train.lr = 5e-3
+    result = run_ppo(config, quiet=True)
+    coefs = [h["kl_coef"] for h in result.history]
+    assert coefs[0] == pytest.approx(0.05) and coefs[-1] != pytest.approx(0.05)
+    assert "adapter disabled" in capsys.readouterr().err
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_reward_source_errors_are_clear(tmp_path):
+    with pytest.raises(RewardSourceError, match="no reward given"):
+        load_reward_fn("")
+    with pytest.raises(RewardSourceError, match="could not be imported"):
+        load_reward_fn("no_such_module_xyz:score")
+    with pytest.raises(RewardSourceError, match="is not an existing reward-model directory"):
+        load_reward_fn(str(tmp_path / "missing-rm"))
+    assert load_reward_fn("tests.recipes.test_ppo:letter_a_reward")(["p"], ["aa"]) == [10.0]
+
+
+def test_ppo_cli_checkpoint_and_resume(tiny_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    args = ["ppo", "--model", str(tiny_dir), "--data", str(prompts), "--reward",
+            "tests.recipes.test_ppo:letter_a_reward", "--output", str(out), "--max-steps", "4", "--batch-size", "8",
+            "--peft", "none", "--quiet", "generation.max_new_tokens=6", "train.save_every=2", "ppo.sample_every=2"]
+    assert main(args) == 0
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-2", "step-4"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 4} and all("score" in s for s in samples)
+    assert main(args[:args.index("--max-steps") + 1] + ["6"] + args[args.index("--max-steps") + 2:]
+                + ["--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))

@@ -1,0 +1,301 @@
+"""RLHF with PPO: value head, GAE, clipped objective, KL penalty to a frozen reference.
+
+One iteration has two halves:
+  make experience:  sample responses -> score them -> policy, reference and value estimates of every
+                    response token -> per-token rewards (score on the last token, -kl_coef * KL on
+                    each) -> GAE advantages and returns;
+  learn from it:    several epochs over minibatches of that experience with the clipped policy loss,
+                    the clipped value loss and an optional entropy bonus.
+
+Memory: the value function is a scalar head on the policy's own trunk (one forward gives log-probs,
+entropy and values), and with LoRA the reference is the same base with the adapter disabled, so one
+copy of the base weights serves all three roles. With full fine-tuning the reference is a frozen copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.checkpoint import load_checkpoint, save_checkpoint
+from tunelab.config import ModelConfig, PPOConfig
+from tunelab.data.dataset import prepare_data
+from tunelab.data.formats import Example
+from tunelab.data.templates import prompt_text
+from tunelab.logprobs import head_logprobs, position_ids_from_mask, token_logprobs, trunk_and_head
+from tunelab.loop import Progress, TrainingError, lr_factor
+from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
+                            ppo_policy_loss, ppo_value_loss, token_rewards)
+from tunelab.modeling import load_causal_lm
+from tunelab.recipes.common import batch_plan, log, prepare_recipe, write_final
+from tunelab.rewards import load_reward_fn
+from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
+
+PROMPT_FORMATS = ("prompt", "prompt_completion", "alpaca", "messages")
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its trunk: one forward gives log-probs, entropy and values."""
+
+    def __init__(self, policy: nn.Module, chunk_size: int = 2048):
+        super().__init__()
+        self.policy = policy
+        self.chunk_size = chunk_size
+        hidden = policy.get_input_embeddings().weight.shape[1]
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[B, T]` inputs -> (log-probs, values, entropy), each `[B, T]`, 0 where loss_mask is 0.
+
+        The value of token t is estimated from the state before it (the hidden state at t - 1), the
+        same position whose LM-head output gives t's log-prob.
+        """
+        trunk, head = trunk_and_head(self.policy)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        scored = loss_mask[:, 1:].bool()
+        picked = hidden[:, :-1][scored]
+        logprob_entropy = head_logprobs(head, picked, input_ids[:, 1:][scored], self.chunk_size, with_entropy=True)
+        values = self.value_head(picked.float()).squeeze(-1)
+
+        def place(flat: torch.Tensor) -> torch.Tensor:
+            full = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
+            return F.pad(full.masked_scatter(scored, flat.float()), (1, 0))
+        return place(logprob_entropy[:, 0]), place(values), place(logprob_entropy[:, 1])
+
+
+@dataclass
+class PPOResult:
+    run_dir: Path
+    final_dir: Path
+    iterations: int
+    history: list[dict] = field(default_factory=list)
+
+
+def prepare_prompts(config: PPOConfig, tokenizer):
+    """Prompt texts from prompt-only, prompt/completion, alpaca or messages rows (completions unused)."""
+    data_config = config.data
+
+    def render(example: Example):
+        prompt = example.prompt
+        if example.format == "messages":
+            turns = example.messages
+            prompt = turns[:-1] if turns[-1]["role"] == "assistant" else turns
+        text = prompt_text(prompt, tokenizer, data_config.chat_template, example.where)
+        if not text.strip():
+            return None, "dropped_empty"
+        if len(tokenizer(text)["input_ids"]) > data_config.max_length:
+            return None, "dropped_long"  # a cut prompt asks a different question: drop, never truncate
+        return text, "kept"
+
+    return prepare_data(data_config, render, PROMPT_FORMATS, "PPO", config.train.seed)
+
+
+def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch: dict, chunk: int) -> torch.Tensor:
+    """Reference log-probs of the response tokens: a frozen copy, or the policy with its adapter disabled."""
+    with torch.no_grad():
+        if ref_model is not None:
+            return token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
+        with policy.disable_adapter():
+            return token_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
+
+
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, config: PPOConfig) -> torch.Tensor:
+    """Apply the missing-EOS penalty, clipping and normalization to raw scores `[B]`."""
+    reward = config.reward
+    if reward.missing_eos_penalty is not None:
+        scores = scores + reward.missing_eos_penalty * (~ended).float()
+    if reward.clip is not None:
+        scores = scores.clamp(-reward.clip, reward.clip)
+    if reward.normalize and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    return scores
+
+
+def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> PPOResult:
+    """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`."""
+    from accelerate import Accelerator
+
+    reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size)
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+                              prepare_data=lambda tok: prepare_prompts(config, tok),
+                              load_model=lambda tok: load_causal_lm(config.model))
+    tokenizer, data, policy, run = prepared.tokenizer, prepared.data, prepared.model, prepared.run
+    train, ppo, gen = config.train, config.ppo, config.generation
+    chunk = train.logprob_chunk
+    module = PolicyWithValueHead(policy, chunk)
+    ref_model = None
+    if config.peft == "none":
+        ref_model = load_causal_lm(ModelConfig(name_or_path=config.model.name_or_path, dtype=config.model.dtype,
+                                               trust_remote_code=config.model.trust_remote_code))
+        ref_model.requires_grad_(False).eval()
+    log(f"reference: {'frozen copy' if ref_model is not None else 'adapter disabled (no second copy)'}; "
+        "value: scalar head on the policy trunk")
+
+    iterations = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(len(data.train) / train.batch_size)))
+    minibatches = math.ceil(train.batch_size / ppo.minibatch_size)
+    total_updates = iterations * ppo.epochs * minibatches
+    accelerator = Accelerator()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(), weight_decay=train.weight_decay)
+    warmup = math.ceil(train.warmup_ratio * total_updates)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_updates, train.schedule))
+    controller = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+    iteration, epoch, position = 0, 0, 0
+    if resume:
+        state = load_checkpoint(run.latest_checkpoint(), module, optimizer, scheduler)
+        iteration, epoch, position, controller.value = state["step"], state["epoch"], state["position"], \
+            state["kl_coef"]
+        run.trim_metrics(iteration)
+        log(f"resumed at iteration {iteration}/{iterations}")
+    module, optimizer = accelerator.prepare(module, optimizer)
+    raw = accelerator.unwrap_model(module)
+    device = accelerator.device
+    if ref_model is not None:
+        ref_model.to(device)
+    # dropout stays off throughout: the old log-probs of the rollout and the new ones of the first
+    # epoch must agree exactly before any update, or the ratio is noise
+    module.eval()
+    plan = batch_plan(data, [1] * len(data.train), config)
+    lengths = LengthSampler(gen.length_sampler_min or gen.max_new_tokens, gen.max_new_tokens)
+    progress = Progress(iterations, iteration, quiet, train.log_every, "ppo")
+    history: list[dict] = []
+
+    def checkpoint_now() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(run, iteration, raw, optimizer, scheduler,
+                            {"epoch": epoch, "position": position, "kl_coef": controller.value}, train.keep_last)
+
+    try:
+        while iteration < iterations:
+            batches = plan(epoch)
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                continue
+            prompts = [data.train[i] for i in batches[position]]
+            rng = random.Random(f"{train.seed}-length-{iteration}")
+            started = time.time()
+            rollout = sample_rollouts(raw.policy, tokenizer, prompts, max_new_tokens=lengths(rng),
+                                      min_new_tokens=gen.min_new_tokens, temperature=gen.temperature,
+                                      top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
+            raw_scores = torch.tensor(reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
+            scores = shape_scores(raw_scores, rollout.ended, config).to(device)
+            experience = make_experience(module, raw, ref_model, rollout, scores, controller.value, config, device)
+            rollout_s = time.time() - started
+            started = time.time()
+            learned = learn(module, experience, optimizer, scheduler, accelerator, params, config)
+            learn_s = time.time() - started
+            iteration, position = iteration + 1, position + 1
+            mask = experience["mask"]
+            kl_per_sequence = float((experience["kl"] * mask).sum(1).mean())
+            record = {
+                "step": iteration, "score_mean": float(raw_scores.mean()),
+                "score_std": float(raw_scores.std()) if raw_scores.numel() > 1 else 0.0,
+                "kl": kl_per_sequence, "kl_coef": controller.value, **learned,
+                "explained_variance": explained_variance(experience["values"], experience["returns"], mask),
+                "response_length": float(rollout.response_lengths.float().mean()),
+                "eos_rate": float(rollout.ended.float().mean()), "rollout_s": round(rollout_s, 3),
+                "learn_s": round(learn_s, 3), "lr": scheduler.get_last_lr()[0],
+            }
+            if ppo.adaptive_kl:
+                controller.update(kl_per_sequence, len(prompts))
+            history.append(record)
+            if accelerator.is_main_process:
+                with run.metrics.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if ppo.sample_every and (iteration % ppo.sample_every == 0 or iteration == 1):
+                _log_samples(run, progress, iteration, rollout, raw_scores)
+            progress.update(iteration, score=record["score_mean"], kl=record["kl"])
+            if train.save_every and iteration % train.save_every == 0:
+                checkpoint_now()
+    except KeyboardInterrupt:
+        progress.close()
+        checkpoint_now()
+        log(f"\ninterrupted at iteration {iteration}: checkpoint saved in {run.checkpoints}; rerun with --resume")
+        raise
+    progress.close()
+    final = write_final(run, policy, tokenizer)
+    if history:
+        last = history[-1]
+        log(f"ppo done: {iteration} iterations; score {history[0]['score_mean']:.3f} -> {last['score_mean']:.3f}, "
+            f"KL to reference {last['kl']:.3f}; policy in {final}")
+    return PPOResult(run.path, final, iteration, history)
+
+
+def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.Module | None, rollout: Rollout,
+                    scores: torch.Tensor, kl_coef: float, config: PPOConfig, device: torch.device) -> dict:
+    """Old log-probs, values, reference log-probs, KL, per-token rewards, advantages and returns."""
+    batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
+             "loss_mask": rollout.loss_mask.to(device)}
+    mask = batch["loss_mask"].float()
+    with torch.no_grad():
+        old_logprobs, values, _ = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        ref = reference_logprobs(raw.policy, ref_model, batch, raw.chunk_size)
+    kl = kl_estimate(old_logprobs, ref, config.ppo.kl_estimator) * mask
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
+    if config.ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return {**batch, "mask": mask, "old_logprobs": old_logprobs, "values": values, "kl": kl,
+            "advantages": advantages, "returns": returns}
+
+
+def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator, params: list,
+          config: PPOConfig) -> dict[str, float]:
+    """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics."""
+    ppo, train = config.ppo, config.train
+    size = experience["input_ids"].shape[0]
+    sums: dict[str, float] = {}
+    updates = 0
+    for _ in range(ppo.epochs):
+        epoch_kl, epoch_updates = 0.0, 0
+        order = torch.randperm(size)
+        for start in range(0, size, ppo.minibatch_size):
+            index = order[start:start + ppo.minibatch_size].to(experience["mask"].device)
+            take = {k: v[index] for k, v in experience.items()}
+            logprobs, values, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
+            policy_loss, policy_stats = ppo_policy_loss(logprobs, take["old_logprobs"], take["advantages"],
+                                                        take["mask"], ppo.clip_range)
+            value_loss, value_stats = ppo_value_loss(values, take["values"], take["returns"], take["mask"],
+                                                     ppo.value_clip)
+            mean_entropy = masked_mean(entropy, take["mask"])
+            loss = policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the PPO loss became {float(loss.detach())}; try a lower learning rate, "
+                                    "reward clipping (reward.clip) or normalization (reward.normalize=true)")
+            accelerator.backward(loss)
+            if train.max_grad_norm:
+                accelerator.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy,
+                     **policy_stats, **value_stats}
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            epoch_kl += float(policy_stats["approx_kl"])
+            epoch_updates += 1
+            updates += 1
+        if ppo.target_kl is not None and epoch_kl / epoch_updates > ppo.target_kl:
+            break  # the policy moved far enough from the one that sampled the data
+    return {k: v / updates for k, v in sums.items()} | {"updates": updates}
+
+
+def _log_samples(run, progress: Progress, iteration: int, rollout: Rollout, scores: torch.Tensor, n: int = 3) -> None:
+    """A few prompt/response/score samples to the log and to samples.jsonl."""
+    with (run.path / "samples.jsonl").open("a") as handle:
+        for prompt, response, score in list(zip(rollout.prompts, rollout.responses, scores.tolist()))[:n]:
+            handle.write(json.dumps({"step": iteration, "prompt": prompt, "response": response, "score": score}) + "\n")
+            progress.write(f"[iteration {iteration}] score {score:+.3f} | {prompt[-60:]!r} -> {response[:100]!r}")
