@@ -102,7 +102,7 @@ def test_adaptive_kl_coef_changes_and_lora_uses_the_disabled_adapter(tiny_dir, p
     config.train.lr = 5e-3
     result = run_ppo(config, quiet=True)
     coefs = [h["kl_coef"] for h in result.history]
-    assert coefs[0] == pytest.approx(0.05) and coefs[-1] != pytest.approx(0.05)
+    assert coefs[0] == pytest.approx(0.1) and coefs[-1] != pytest.approx(0.1)
     assert "adapter disabled" in capsys.readouterr().err
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
 
