@@ -9,13 +9,13 @@ def test_quick_demo_runs_every_stage_and_sft_beats_base(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     figures = json.loads((out / "demo.json").read_text())
-    for stage in ("base", "sft", "rm", "dpo"):
+    for stage in ("base", "sft", "rm", "dpo", "ppo"):
         assert (out / stage / "final").is_dir()
         assert (out / stage / "config.yaml").is_file()
         assert (out / stage / "metrics.jsonl").read_text().strip()
     assert (out / "sft" / "final" / "adapter_config.json").is_file()  # SFT trains a LoRA adapter
     assert figures["rm_held_out_accuracy"] >= 0.8  # even the quick world separates the pairs
-    assert set(figures["positive_share"]) == {"sft", "dpo"}
+    assert set(figures["positive_share"]) == {"sft", "dpo", "ppo"}
     assert all(0 <= v <= 1 for v in figures["positive_share"].values())
     loss = figures["held_out_loss"]
     assert loss["sft"] < loss["base"] - 0.1, loss

@@ -7,6 +7,8 @@ Stages (each a real run directory under the output):
   rm/     a reward model from the SFT model, trained on review pairs (the positive review preferred)
   dpo/    DPO from the SFT model (LoRA) on the same pairs; its effect is measured as the share of positive
           reviews among sampled generations, judged by the world's sentiment lexicon (no trained model)
+  ppo/    RLHF with PPO from the SFT model (LoRA: policy, value head and reference share one base) against
+          the reward model, judged the same way, with the KL to the SFT model
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 from tunelab.checkpoint import RunDirError
-from tunelab.config import DataConfig, DataSource, DPOConfig, ModelConfig, RMConfig, SFTConfig, TrainConfig
+from tunelab.config import (DataConfig, DataSource, DPOConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig,
+                            TrainConfig)
 from tunelab.data.dataset import prepare_sft_data
 from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
@@ -29,6 +32,7 @@ from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
 from tunelab.modeling import load_for_inference, merge_adapter
 from tunelab.recipes.dpo import run_dpo
+from tunelab.recipes.ppo import run_ppo
 from tunelab.recipes.reward import run_rm
 from tunelab.recipes.common import collate_rendered, eval_batches, log
 from tunelab.recipes.sft import run_sft, sft_step
@@ -50,16 +54,18 @@ class DemoSize:
     preference_pairs: int
     rm_epochs: float
     dpo_epochs: float
+    ppo_prompts: int
+    ppo_iterations: int
     judged_prompts: int
     samples: int
 
 
 FULL = DemoSize(corpus_reviews=4000, instruction_rows=2000, hidden_size=128, num_layers=4,
                 base_epochs=3, sft_epochs=2, preference_pairs=800, rm_epochs=1,
-                dpo_epochs=1, judged_prompts=64, samples=4)
+                dpo_epochs=1, ppo_prompts=512, ppo_iterations=30, judged_prompts=64, samples=4)
 QUICK = DemoSize(corpus_reviews=600, instruction_rows=300, hidden_size=64, num_layers=2,
                  base_epochs=2, sft_epochs=1, preference_pairs=200, rm_epochs=1,
-                 dpo_epochs=1, judged_prompts=16, samples=2)
+                 dpo_epochs=1, ppo_prompts=64, ppo_iterations=3, judged_prompts=16, samples=2)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -82,8 +88,10 @@ def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Pat
              for t in world.make_titles(size.preference_pairs, seed + 3)]
     paths = {"init": directory / "init", "corpus": directory / "reviews.jsonl",
              "instructions": directory / "instructions.jsonl", "prompts": directory / "prompts.jsonl",
-             "pairs": directory / "pairs.jsonl"}
+             "pairs": directory / "pairs.jsonl", "ppo_prompts": directory / "ppo_prompts.jsonl"}
     _write_jsonl(paths["pairs"], pairs)
+    _write_jsonl(paths["ppo_prompts"], [{"prompt": alpaca_prompt(world.review_instruction(t))}
+                                        for t in world.make_titles(size.ppo_prompts, seed + 4)])
     model.save_pretrained(paths["init"])
     tokenizer.save_pretrained(paths["init"])
     _write_jsonl(paths["corpus"], [{"text": r["text"]} for r in corpus])
@@ -177,9 +185,26 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     dpo = run_dpo(dpo_config, quiet=True)
     timings["dpo"] = time.time() - t0
 
+    log("\n[ppo] RLHF with PPO from the SFT model (LoRA) against the reward model")
+    t0 = time.time()
+    ppo_config = PPOConfig(model=ModelConfig(name_or_path=str(sft_model)), peft="lora", output=str(out / "ppo"),
+                           data=DataConfig(sources=[DataSource(path=str(paths["ppo_prompts"]))], eval_fraction=0.0),
+                           train=TrainConfig(lr=3e-3, max_steps=size.ppo_iterations, batch_size=32, warmup_ratio=0.0,
+                                             seed=seed, log_every=5))
+    ppo_config.reward.source = str(rm.run_dir)
+    ppo_config.generation.max_new_tokens = 40
+    ppo_config.ppo.kl_coef = 0.05
+    ppo_config.ppo.minibatch_size = 16
+    ppo_config.lora.r = 16
+    ppo = run_ppo(ppo_config, quiet=True)
+    tail = ppo.history[-5:]
+    ppo_kl = sum(h["kl"] for h in tail) / len(tail)
+    timings["ppo"] = time.time() - t0
+
     t0 = time.time()
     share = {"sft": positive_share(_samples(sft_model, judged, seed)),
-             "dpo": positive_share(_samples(dpo.final_dir, judged, seed))}
+             "dpo": positive_share(_samples(dpo.final_dir, judged, seed)),
+             "ppo": positive_share(_samples(ppo.final_dir, judged, seed))}
     base_loss = _held_out_loss(base.final_dir, sft_config)
     sft_loss = sft.train.eval_metrics["loss"]
     before = _samples(base.final_dir, prompts, seed)
@@ -193,20 +218,22 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     figures = {
         "quick": quick,
         "runs": {"world": str(out / "world"), "base": str(base.run_dir), "sft": str(sft.run_dir),
-                 "rm": str(rm.run_dir), "dpo": str(dpo.run_dir)},
+                 "rm": str(rm.run_dir), "dpo": str(dpo.run_dir), "ppo": str(ppo.run_dir)},
         "held_out_loss": {"base": round(base_loss, 4), "sft": round(sft_loss, 4)},
         "rm_held_out_accuracy": round(rm_accuracy, 4),
         "dpo_held_out_reward_accuracy": round(dpo.train.eval_metrics["reward_accuracy"], 4),
         "positive_share": {k: round(v, 4) for k, v in share.items()},
+        "ppo_score": {"first": round(ppo.history[0]["score_mean"], 4), "last": round(tail[-1]["score_mean"], 4)},
+        "ppo_kl_to_sft": round(ppo_kl, 4),
         "judged_generations": len(judged),
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - started, 1)},
     }
     (out / MARKER).write_text(json.dumps(figures, indent=2))
     log(f"\nheld-out completion loss on the SFT task: base {base_loss:.3f} -> sft {sft_loss:.3f}")
     log(f"reward model held-out accuracy (positive review preferred): {rm_accuracy:.3f}")
-    log(f"positive share of {len(judged)} sampled reviews (lexicon judge): sft {100 * share['sft']:.0f}% -> "
-        f"dpo {100 * share['dpo']:.0f}%")
+    log(f"positive share of {len(judged)} sampled reviews (lexicon judge): sft {100 * share['sft']:.0f}%, "
+        f"dpo {100 * share['dpo']:.0f}%, ppo {100 * share['ppo']:.0f}% (ppo KL to sft {ppo_kl:.2f} nats per response)")
     log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter; merged in sft/merged), "
-        f"{out / 'rm'} (reward model), {out / 'dpo'} (DPO adapter)")
+        f"{out / 'rm'} (reward model), {out / 'dpo'} (DPO adapter), {out / 'ppo'} (PPO adapter)")
     log("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in figures["seconds"].items()))
     return figures
