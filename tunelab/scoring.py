@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tunelab.checkpoint import atomic_write_text
-from tunelab.data.formats import Row, _text_or_messages
+from tunelab.data.formats import Row, text_or_messages
 from tunelab.data.load import DataError, load_rows
 from tunelab.rewards import RewardScorer
 
@@ -16,13 +16,13 @@ def _prompt_and_response(row: Row):
     """(prompt, response) of a row: prompt + response/completion, a messages conversation, or text."""
     values = row.values
     if "messages" in values:
-        return None, _text_or_messages(row, "messages")
+        return None, text_or_messages(row, "messages")
     for key in ("response", "completion"):
         if key in values:
-            prompt = _text_or_messages(row, "prompt", optional=True) if "prompt" in values else None
-            return prompt, _text_or_messages(row, key)
+            prompt = text_or_messages(row, "prompt", optional=True) if "prompt" in values else None
+            return prompt, text_or_messages(row, key)
     if "text" in values:
-        return None, _text_or_messages(row, "text")
+        return None, text_or_messages(row, "text")
     raise DataError(f"{row.where}: nothing to score; expected 'prompt' + 'response' (or 'completion'), "
                     f"'messages' or 'text', found {sorted(values)}")
 

@@ -90,7 +90,8 @@ def _messages(row: Row, key: str, value: Any) -> Messages:
     return out
 
 
-def _text_or_messages(row: Row, key: str, optional: bool = False) -> str | Messages | None:
+def text_or_messages(row: Row, key: str, optional: bool = False) -> str | Messages | None:
+    """A field that may hold a string or a list of chat messages, validated."""
     value = row.values.get(key)
     if isinstance(value, list):
         return _messages(row, key, value)
@@ -102,7 +103,7 @@ def to_example(row: Row, fmt: str) -> Example:
     if fmt == "text":
         return Example(fmt, row.where, text=_string(row, "text"))
     if fmt == "prompt_completion":
-        return Example(fmt, row.where, prompt=_text_or_messages(row, "prompt"),
+        return Example(fmt, row.where, prompt=text_or_messages(row, "prompt"),
                        completion=_string(row, "completion"))
     if fmt == "alpaca":
         from tunelab.data.templates import alpaca_prompt
@@ -122,11 +123,11 @@ def to_example(row: Row, fmt: str) -> Example:
                 raise DataError(f"{row.where}: field 'margin' must be a number, got {margin!r}") from None
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise DataError(f"{row.where}: field 'margin' must be a number, got {type(margin).__name__}")
-        return Example(fmt, row.where, prompt=_text_or_messages(row, "prompt", optional=True),
-                       chosen=_text_or_messages(row, "chosen"), rejected=_text_or_messages(row, "rejected"),
+        return Example(fmt, row.where, prompt=text_or_messages(row, "prompt", optional=True),
+                       chosen=text_or_messages(row, "chosen"), rejected=text_or_messages(row, "rejected"),
                        margin=float(margin))
     if fmt == "prompt":
-        return Example(fmt, row.where, prompt=_text_or_messages(row, "prompt"))
+        return Example(fmt, row.where, prompt=text_or_messages(row, "prompt"))
     raise DataError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)} or auto")
 
 

@@ -14,7 +14,7 @@ from tunelab.config import DataConfig
 from tunelab.data.dataset import TokenizedData, prepare_data
 from tunelab.data.formats import Example, Messages
 from tunelab.data.load import DataError
-from tunelab.data.templates import Rendered, _apply, _need_template, _tokens, fit_length, render_example
+from tunelab.data.templates import Rendered, render_chat, require_chat_template, tokenize, fit_length, render_example
 
 
 @dataclass
@@ -43,14 +43,14 @@ def scored_sequence(prompt: str | Messages | None, response: str | Messages, tok
     """Token ids of prompt + response as a reward model reads them."""
     if isinstance(prompt, list) or isinstance(response, list):
         conversation = _as_messages(prompt, "user") + _as_messages(response, "assistant")
-        template = _need_template(tokenizer, chat_template, where)
-        return _tokens(tokenizer, _apply(tokenizer, template, conversation, False))
+        template = require_chat_template(tokenizer, chat_template, where)
+        return tokenize(tokenizer, render_chat(tokenizer, template, conversation, False))
     if uses_text_pairs(tokenizer):
         encoded = tokenizer(prompt, response) if prompt else tokenizer(response)
         return list(encoded["input_ids"])
     if prompt:
-        return _tokens(tokenizer, prompt, special=True) + _tokens(tokenizer, response) + [tokenizer.eos_token_id]
-    return _tokens(tokenizer, response, special=True) + [tokenizer.eos_token_id]
+        return tokenize(tokenizer, prompt, special=True) + tokenize(tokenizer, response) + [tokenizer.eos_token_id]
+    return tokenize(tokenizer, response, special=True) + [tokenizer.eos_token_id]
 
 
 def _is_empty(value: str | Messages) -> bool:

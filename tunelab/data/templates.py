@@ -61,12 +61,14 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str | None:
     return chat_template or getattr(tokenizer, "chat_template", None)
 
 
-def _apply(tokenizer, template: str, messages: Messages, add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, template: str, messages: Messages, add_generation_prompt: bool) -> str:
+    """Messages rendered to text with a Jinja chat template."""
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
 
-def _need_template(tokenizer, chat_template: str | None, where: str) -> str:
+def require_chat_template(tokenizer, chat_template: str | None, where: str) -> str:
+    """The chat template in force, or a DataError naming `where` when there is none."""
     template = resolve_chat_template(tokenizer, chat_template)
     if not template:
         raise DataError(f"{where}: chat messages need a chat template, and the tokenizer has none; "
@@ -78,10 +80,11 @@ def prompt_text(prompt: str | Messages, tokenizer, chat_template: str | None = N
     """The text a model continues from: a string as is, or messages rendered with the generation prompt."""
     if isinstance(prompt, str):
         return prompt
-    return _apply(tokenizer, _need_template(tokenizer, chat_template, where), prompt, True)
+    return render_chat(tokenizer, require_chat_template(tokenizer, chat_template, where), prompt, True)
 
 
-def _tokens(tokenizer, text: str, special: bool = False) -> list[int]:
+def tokenize(tokenizer, text: str, special: bool = False) -> list[int]:
+    """Token ids of `text`; with `special`, the tokenizer's own additions (e.g. BOS) included."""
     return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
 
 
@@ -97,8 +100,8 @@ def _conversation_segments(messages: Messages, tokenizer, template: str, where: 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _apply(tokenizer, template, messages[:i], True) if i else _generation_only(tokenizer, template)
-        after = _apply(tokenizer, template, messages[: i + 1], False)
+        before = render_chat(tokenizer, template, messages[:i], True) if i else _generation_only(tokenizer, template)
+        after = render_chat(tokenizer, template, messages[: i + 1], False)
         if not before.startswith(done) or not after.startswith(before):
             raise DataError(f"{where}: the chat template does not render this conversation as a growing prefix "
                             "turn by turn, so the assistant tokens cannot be located exactly; set "
@@ -111,7 +114,7 @@ def _conversation_segments(messages: Messages, tokenizer, template: str, where: 
 
 def _generation_only(tokenizer, template: str) -> str:
     try:
-        return _apply(tokenizer, template, [], True)
+        return render_chat(tokenizer, template, [], True)
     except Exception:  # some templates refuse an empty conversation; then nothing precedes the turn
         return ""
 
@@ -135,7 +138,7 @@ def render_example(example: Example, tokenizer, *, train_on_prompt: bool = False
         mask.extend([1 if trained else 0] * len(token_ids))
 
     if example.format == "text":
-        add(_tokens(tokenizer, example.text, special=True) + [eos], True)
+        add(tokenize(tokenizer, example.text, special=True) + [eos], True)
     elif example.format == "messages" or (example.format == "prompt_completion"
                                           and not isinstance(example.prompt, str)):
         if example.format == "messages":
@@ -143,12 +146,12 @@ def render_example(example: Example, tokenizer, *, train_on_prompt: bool = False
         else:
             messages = [*example.prompt, {"role": "assistant", "content": example.completion}]
             trained_from = len(messages) - 1
-        template = _need_template(tokenizer, chat_template, example.where)
+        template = require_chat_template(tokenizer, chat_template, example.where)
         for text, trained in _conversation_segments(messages, tokenizer, template, example.where, trained_from):
-            add(_tokens(tokenizer, text), trained)
+            add(tokenize(tokenizer, text), trained)
     elif example.format in ("prompt_completion", "alpaca"):
-        add(_tokens(tokenizer, example.prompt, special=True), False)
-        add(_tokens(tokenizer, example.completion) + [eos], True)
+        add(tokenize(tokenizer, example.prompt, special=True), False)
+        add(tokenize(tokenizer, example.completion) + [eos], True)
     else:
         raise DataError(f"{example.where}: '{example.format}' rows cannot be used for supervised fine-tuning; "
                         "use prompt/completion, alpaca, messages or text rows")
