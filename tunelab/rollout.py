@@ -10,13 +10,15 @@ from torch import nn
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             batch_size: int = 16, seed: int | None = None) -> list[str]:
+def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, min_new_tokens: int = 0,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
+             repetition_penalty: float = 1.0, batch_size: int = 16, seed: int | None = None,
+             streamer=None) -> list[str]:
     """Continue each prompt; returns the generated text only (without the prompt), special tokens dropped.
 
-    `temperature` 0 means greedy decoding. Prompts are left-padded in batches so that every row's
-    new tokens start at the same position.
+    `temperature` 0 means greedy decoding (or beam search with `num_beams` > 1). Prompts are
+    left-padded in batches so that every row's new tokens start at the same position. A `seed`
+    makes sampling reproducible.
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -25,15 +27,18 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    sampling = {"do_sample": False}
+    options = {"do_sample": False, "num_beams": num_beams}
     if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+        options = {"do_sample": True, "num_beams": num_beams, "temperature": temperature, "top_k": top_k or 0,
+                   "top_p": top_p or 1.0}
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             encoded = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-            new = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)[:, encoded["input_ids"].shape[1]:]
+            new = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+                                 **options)[:, encoded["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
