@@ -34,7 +34,7 @@ def instruction_rows(n: int, seed: int = 0) -> list[dict]:
 
 def sft_config(model_dir: Path, data: Path, output: Path, peft: str = "lora", **train) -> SFTConfig:
     """A small, fast SFT config; `train` overrides TrainConfig fields."""
-    defaults = dict(lr=1e-2, batch_size=8, warmup_ratio=0.0, log_every=1, seed=0)
+    defaults = dict(lr=1e-2, batch_size=8, warmup_ratio=0.0, log_every=1, seed=0, report=False)
     return SFTConfig(model=ModelConfig(name_or_path=str(model_dir)), output=str(output), peft=peft,
                      data=DataConfig(sources=[DataSource(path=str(data))], max_length=192, eval_fraction=0.1),
                      train=TrainConfig(**{**defaults, **train}))

@@ -105,6 +105,74 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1: all)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens (1: none)")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="shortest response in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"longest response in tokens (default {max_new_tokens})")
+    parser.add_argument("--seed", type=int, default=0, help="seed for reproducible sampling (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+
+
+def _generation_options(args: argparse.Namespace):
+    from tunelab.generation import GenerationOptions
+
+    return GenerationOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                             min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             batch_size=args.batch_size)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.generation import generate_file
+
+    count = generate_file(args.model, args.prompts, args.output, _generation_options(args))
+    if args.output:
+        print(f"generated {count} responses -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.generation import chat_loop
+
+    chat_loop(args.model, _generation_options(args), system=args.system)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tunelab.checkpoint import atomic_write_text
+    from tunelab.evaluate import markdown_table, run_eval
+
+    results = run_eval(args.model, args.data, reward=args.reward, compare=args.compare, reference=args.ref,
+                       options=_generation_options(args), few_shot=args.few_shot, limit=args.limit)
+    generations = results.pop("generations")
+    table = markdown_table({Path(args.model).name or args.model: results})
+    print(table)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out.with_suffix(".md"), table + "\n")
+        atomic_write_text(out.with_suffix(".generations.jsonl"), "".join(json.dumps(g) + "\n" for g in generations))
+        print(f"results -> {out} (table {out.with_suffix('.md')}, generations "
+              f"{out.with_suffix('.generations.jsonl')})", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tunelab.report import write_report
+
+    print(write_report(args.runs, args.output))
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tunelab.scoring import score_file
 
@@ -194,6 +262,51 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     score.set_defaults(func=cmd_score)
 
+    gen = sub.add_parser("generate", help="generate responses for a file of prompts (JSONL out)",
+                         description="Batched generation for every prompt of a file (prompt, prompt/completion, "
+                         "alpaca, messages or text rows; chat rows use the chat template). Writes JSONL rows with "
+                         "prompt and response. --model is a model directory, an adapter directory or a run "
+                         "directory (its final/ is used).")
+    gen.add_argument("--model", required=True, help="model, adapter or run directory (or hub name)")
+    gen.add_argument("--prompts", required=True, help="file of prompts")
+    gen.add_argument("--output", help="JSONL file to write (default: stdout)")
+    _add_generation_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal, streaming its replies",
+                          description="An interactive chat using the model's chat template; replies stream as "
+                          "they are generated. /reset starts a new conversation, /exit or Ctrl-D quits.")
+    chat.add_argument("--model", required=True, help="model, adapter or run directory (or hub name)")
+    chat.add_argument("--system", help="a system message to start every conversation with")
+    _add_generation_flags(chat, max_new_tokens=256)
+    chat.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="evaluate generations: BLEU, ROUGE, perplexity, reward, win rate, KL",
+                        description="Generate (greedy unless told otherwise) for the prompts of --data and compute "
+                        "what the inputs allow: BLEU (sacrebleu, 0-100) and ROUGE-1/2/L F1 (0-1) against reference "
+                        "completions, perplexity of the references, reward-model score mean/std (--reward), the "
+                        "win rate against a second model on the same prompts judged by the reward model, with ties "
+                        "and a 95%% interval (--compare), and the KL to a reference model (--ref). Prints a Markdown "
+                        "table; --output writes R.json (flat keys), R.md and R.generations.jsonl.")
+    ev.add_argument("--model", required=True, help="model, adapter or run directory to evaluate")
+    ev.add_argument("--data", required=True, help="evaluation rows (prompts, with references for BLEU/ROUGE)")
+    ev.add_argument("--output", help="JSON result file to write")
+    ev.add_argument("--reward", help="reward model (a tunelab rm run) for reward scores and the win rate")
+    ev.add_argument("--compare", help="second model for a pairwise win rate of --model against it")
+    ev.add_argument("--ref", help="reference model for the KL of --model to it")
+    ev.add_argument("--few-shot", type=int, default=0, help="prepend k solved examples from the data (default 0)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    _add_generation_flags(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    rep = sub.add_parser("report", help="plots and report.md from runs' metrics.jsonl",
+                         description="Turn the metrics.jsonl of one or more runs into PNG plots (one per metric, "
+                         "runs overlaid) and a report.md embedding them. One run and no --output: written into "
+                         "the run directory.")
+    rep.add_argument("runs", nargs="+", help="run directories")
+    rep.add_argument("--output", help="directory for plots/ and report.md (default: the first run)")
+    rep.set_defaults(func=cmd_report)
+
     ins = sub.add_parser("inspect", help="show rendered training rows with the trained tokens marked, and stats",
                          description="Render the first rows of a dataset exactly as training will see them, "
                          "trained tokens highlighted (colour on a terminal, [[...]] otherwise), with row counts, "
@@ -240,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError) as exc:
+    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError,
+            FileNotFoundError, ValueError) as exc:
         print(f"tunelab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

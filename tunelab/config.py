@@ -86,6 +86,7 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
+    report: bool = Field(True, description="write plots/ and report.md into the run directory at the end")
 
 
 class RecipeConfig(Section):

@@ -27,6 +27,7 @@ from torch import nn
 
 from tunelab.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from tunelab.config import TrainConfig
+from tunelab.report import report_at_end
 
 Batch = dict[str, Any]
 StepFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -248,4 +249,6 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     if config.save_every and step % config.save_every:
         checkpoint_now()
     eval_metrics = run_eval()
+    if accelerator.is_main_process:
+        report_at_end(run.path, config.report)
     return TrainResult(step, last_loss, eval_metrics, time.time() - started)

@@ -23,7 +23,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def dpo_config(model, data, output, peft="lora", **train) -> DPOConfig:
-    defaults = dict(lr=1e-2, batch_size=8, warmup_ratio=0.0, log_every=1, seed=0)
+    defaults = dict(lr=1e-2, batch_size=8, warmup_ratio=0.0, log_every=1, seed=0, report=False)
     return DPOConfig(model=ModelConfig(name_or_path=str(model)), output=str(output), peft=peft,
                      data=DataConfig(sources=[DataSource(path=str(data))], max_length=128, eval_fraction=0.2),
                      train=TrainConfig(**{**defaults, **train}))

@@ -28,7 +28,8 @@ def tiny_dir(tmp_path_factory):
 def ppo_config(model, prompts, output, **overrides) -> PPOConfig:
     config = PPOConfig(model=ModelConfig(name_or_path=str(model)), output=str(output), peft="none",
                        data=DataConfig(sources=[DataSource(path=str(prompts))], eval_fraction=0.0),
-                       train=TrainConfig(lr=1e-2, batch_size=16, max_steps=30, warmup_ratio=0.0, log_every=10))
+                       train=TrainConfig(lr=1e-2, batch_size=16, max_steps=30, warmup_ratio=0.0, log_every=10,
+                                         report=False))
     config.ppo.kl_coef = 0.1
     config.reward.source = "tests.recipes.test_ppo:letter_a_reward"
     config.generation.max_new_tokens = 8

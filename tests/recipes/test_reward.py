@@ -32,7 +32,7 @@ def review_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def rm_config(model, data, output, **train) -> RMConfig:
-    defaults = dict(lr=2e-3, batch_size=8, warmup_ratio=0.0, log_every=5, seed=0)
+    defaults = dict(lr=2e-3, batch_size=8, warmup_ratio=0.0, log_every=5, seed=0, report=False)
     return RMConfig(model=ModelConfig(name_or_path=str(model)), output=str(output), peft="none",
                     data=DataConfig(sources=[DataSource(path=str(data))], max_length=128, eval_fraction=0.2),
                     train=TrainConfig(**{**defaults, **train}))

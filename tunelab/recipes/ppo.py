@@ -36,6 +36,7 @@ from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_es
                             ppo_policy_loss, ppo_value_loss, token_rewards)
 from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import batch_plan, log, prepare_recipe, write_final
+from tunelab.report import report_at_end
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
 
@@ -227,6 +228,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
         raise
     progress.close()
     final = write_final(run, policy, tokenizer)
+    if accelerator.is_main_process:
+        report_at_end(run.path, train.report)
     if history:
         last = history[-1]
         log(f"ppo done: {iteration} iterations; score {history[0]['score_mean']:.3f} -> {last['score_mean']:.3f}, "

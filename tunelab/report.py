@@ -1,0 +1,94 @@
+"""metrics.jsonl -> PNG plots (one per metric, several runs overlaid) and a report.md that embeds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunelab.checkpoint import atomic_write_text
+
+SKIPPED = {"step", "epoch", "elapsed_s", "updates"}
+# metrics shown in the summary table, when a run has them
+HEADLINE = ("loss", "eval_loss", "accuracy", "eval_accuracy", "reward_accuracy", "eval_reward_accuracy",
+            "score_mean", "kl")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, evaluation records) of a run; a missing metrics.jsonl is an error."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a tunelab run directory?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("split") != "eval"], [r for r in records if r.get("split") == "eval"]
+
+
+def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key in SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            steps, values = series.setdefault(key, ([], []))
+            steps.append(record["step"])
+            values.append(float(value))
+    return series
+
+
+def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -> Path:
+    """Plot every metric of the runs (overlaid) into <output>/plots/ and write <output>/report.md.
+
+    With one run and no output, the run directory itself receives plots/ and report.md.
+    Returns the report's path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [Path(r) for r in run_dirs]
+    out = Path(output) if output else runs[0]
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    data = {run: read_metrics(run) for run in runs}
+    by_metric: dict[str, list[tuple[str, list[int], list[float]]]] = {}
+    for run, (train, evaluation) in data.items():
+        for records in (train, evaluation):
+            for key, (steps, values) in _series(records).items():
+                by_metric.setdefault(key, []).append((run.name, steps, values))
+    headline = [k for k in HEADLINE if k in by_metric]
+    lines = [f"# Report: {', '.join(r.name for r in runs)}", "", "Last logged values:", ""]
+    lines += ["| run | step | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]
+    for run, (train, evaluation) in data.items():
+        last = {**(train[-1] if train else {}), **(evaluation[-1] if evaluation else {})}
+        cells = [f"{last[k]:.4g}" if isinstance(last.get(k), (int, float)) else "" for k in headline]
+        lines.append(f"| {run.name} | {last.get('step', '')} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for key in sorted(by_metric):
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        for name, steps, values in by_metric[key]:
+            axis.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, label=name)
+        axis.set_xlabel("step")
+        axis.set_ylabel(key)
+        axis.set_title(key)
+        axis.grid(alpha=0.3)
+        if len(by_metric[key]) > 1:
+            axis.legend()
+        figure.tight_layout()
+        figure.savefig(plots / f"{key}.png", dpi=80)
+        plt.close(figure)
+        lines += [f"## {key}", "", f"![{key}](plots/{key}.png)", ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report
+
+
+def report_at_end(run_dir: Path, enabled: bool) -> None:
+    """The end-of-run report; a plotting failure is reported but never fails the finished run."""
+    if not enabled:
+        return
+    try:
+        write_report([run_dir])
+    except Exception as exc:  # the weights are saved; a missing plot must not turn success into failure
+        import sys
+
+        print(f"warning: could not write the report for {run_dir}: {exc}", file=sys.stderr)
