@@ -9,6 +9,8 @@ Stages (each a real run directory under the output):
           reviews among sampled generations, judged by the world's sentiment lexicon (no trained model)
   ppo/    RLHF with PPO from the SFT model (LoRA: policy, value head and reference share one base) against
           the reward model, judged the same way, with the KL to the SFT model
+  report/ an evaluation table of base, SFT, DPO and PPO (positive share, reward score, win rate against
+          SFT, KL to SFT, BLEU against positive reference reviews) and plots of every run's metrics
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
+from tunelab.data.formats import Example
+from tunelab.data.templates import render_example
+from tunelab.evaluate import bleu, kl_to_reference, markdown_table, win_rate
 from tunelab.modeling import load_for_inference, merge_adapter
+from tunelab.report import write_report
+from tunelab.rewards import RewardScorer
 from tunelab.recipes.dpo import run_dpo
 from tunelab.recipes.ppo import run_ppo
 from tunelab.recipes.reward import run_rm
@@ -96,7 +103,9 @@ def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Pat
     tokenizer.save_pretrained(paths["init"])
     _write_jsonl(paths["corpus"], [{"text": r["text"]} for r in corpus])
     _write_jsonl(paths["instructions"], instructions)
-    _write_jsonl(paths["prompts"], [{"prompt": alpaca_prompt(world.review_instruction(t))} for t in held_titles])
+    reference_rng = random.Random(seed + 5)
+    _write_jsonl(paths["prompts"], [{"prompt": alpaca_prompt(world.review_instruction(t)),
+                                     "completion": world.make_review(t, True, reference_rng)} for t in held_titles])
     return paths
 
 
@@ -108,6 +117,32 @@ def _samples(model_dir: Path, prompts: list[str], seed: int) -> list[str]:
 def positive_share(responses: list[str]) -> float:
     """Share of responses the lexicon judge calls positive."""
     return sum(world.is_positive(r) for r in responses) / len(responses)
+
+
+def evaluation_table(models: dict[str, Path], sft: Path, reward_model: Path, judged: list[dict],
+                     seed: int) -> dict[str, dict[str, float]]:
+    """Per model, on the same sampled prompts: positive share (lexicon), reward score, win rate against
+    SFT (judged by the reward model), KL to SFT, and BLEU against positive reference reviews."""
+    prompts = [row["prompt"] for row in judged]
+    references = [row["completion"] for row in judged]
+    scorer = RewardScorer(reward_model)
+    sft_model, tokenizer = load_for_inference(str(sft))
+    responses = {name: _samples(path, prompts, seed) for name, path in models.items()}
+    sft_scores = scorer.score(prompts, responses["sft"])
+    table = {}
+    for name, path in models.items():
+        scores = sft_scores if name == "sft" else scorer.score(prompts, responses[name])
+        model, _ = load_for_inference(str(path))
+        rendered = [render_example(Example("prompt_completion", "", prompt=p, completion=r), tokenizer)
+                    for p, r in zip(prompts, responses[name])]
+        table[name] = {
+            "positive_share": positive_share(responses[name]),
+            "reward_mean": sum(scores) / len(scores),
+            "win_rate_vs_sft": win_rate(scores, sft_scores)["win_rate"],
+            "kl_to_sft": kl_to_reference(model, sft_model, rendered, tokenizer.pad_token_id),
+            "bleu": bleu(responses[name], references),
+        }
+    return table
 
 
 def _held_out_loss(model_dir: Path, config: SFTConfig) -> float:
@@ -140,14 +175,14 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
         f"{size.corpus_reviews} + {size.instruction_rows} synthetic reviews in {out / 'world'}")
     paths = build_world(out / "world", size, seed)
     timings["world"] = time.time() - started
-    judged = [json.loads(line)["prompt"] for line in paths["prompts"].read_text().splitlines()]
-    prompts = judged[:size.samples]
+    judged = [json.loads(line) for line in paths["prompts"].read_text().splitlines()]
+    prompts = [row["prompt"] for row in judged[:size.samples]]
 
     def stage_config(model: Path, data: Path, run: str, peft: str, lr: float, epochs: float) -> SFTConfig:
         return SFTConfig(model=ModelConfig(name_or_path=str(model)), peft=peft, output=str(out / run),
                          data=DataConfig(sources=[DataSource(path=str(data))], max_length=128, eval_fraction=0.1),
                          train=TrainConfig(lr=lr, epochs=epochs, batch_size=16, warmup_ratio=0.05, seed=seed,
-                                           log_every=25))
+                                           log_every=25, report=not quick))
 
     log("\n[base] continued training on raw review text (full parameters)")
     t0 = time.time()
@@ -169,7 +204,7 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
                          data=DataConfig(sources=[DataSource(path=str(paths["pairs"]))], max_length=192,
                                          eval_fraction=0.1),
                          train=TrainConfig(lr=1e-3, epochs=size.rm_epochs, batch_size=8, warmup_ratio=0.05,
-                                           seed=seed, log_every=25))
+                                           seed=seed, log_every=25, report=not quick))
     rm = run_rm(rm_config, quiet=True)
     rm_accuracy = rm.train.eval_metrics["accuracy"]
     timings["rm"] = time.time() - t0
@@ -180,7 +215,7 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
                            data=DataConfig(sources=[DataSource(path=str(paths["pairs"]))], max_length=192,
                                            eval_fraction=0.1),
                            train=TrainConfig(lr=2e-3, epochs=size.dpo_epochs, batch_size=8, warmup_ratio=0.05,
-                                             seed=seed, log_every=25))
+                                             seed=seed, log_every=25, report=not quick))
     dpo_config.lora.r = 16
     dpo = run_dpo(dpo_config, quiet=True)
     timings["dpo"] = time.time() - t0
@@ -190,7 +225,7 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     ppo_config = PPOConfig(model=ModelConfig(name_or_path=str(sft_model)), peft="lora", output=str(out / "ppo"),
                            data=DataConfig(sources=[DataSource(path=str(paths["ppo_prompts"]))], eval_fraction=0.0),
                            train=TrainConfig(lr=3e-3, max_steps=size.ppo_iterations, batch_size=32, warmup_ratio=0.0,
-                                             seed=seed, log_every=5))
+                                             seed=seed, log_every=5, report=not quick))
     ppo_config.reward.source = str(rm.run_dir)
     ppo_config.generation.max_new_tokens = 40
     ppo_config.ppo.kl_coef = 0.05
@@ -201,10 +236,14 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     ppo_kl = sum(h["kl"] for h in tail) / len(tail)
     timings["ppo"] = time.time() - t0
 
+    log("\n[eval] base, SFT, DPO and PPO on the same unseen prompts")
     t0 = time.time()
-    share = {"sft": positive_share(_samples(sft_model, judged, seed)),
-             "dpo": positive_share(_samples(dpo.final_dir, judged, seed)),
-             "ppo": positive_share(_samples(ppo.final_dir, judged, seed))}
+    table = evaluation_table({"base": base.final_dir, "sft": sft_model, "dpo": dpo.final_dir, "ppo": ppo.final_dir},
+                             sft_model, rm.final_dir, judged, seed)
+    share = {name: row["positive_share"] for name, row in table.items()}
+    report = write_report([base.run_dir, sft.run_dir, rm.run_dir, dpo.run_dir, ppo.run_dir], out / "report")
+    timings["eval"] = time.time() - t0
+    t0 = time.time()
     base_loss = _held_out_loss(base.final_dir, sft_config)
     sft_loss = sft.train.eval_metrics["loss"]
     before = _samples(base.final_dir, prompts, seed)
@@ -223,6 +262,8 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
         "rm_held_out_accuracy": round(rm_accuracy, 4),
         "dpo_held_out_reward_accuracy": round(dpo.train.eval_metrics["reward_accuracy"], 4),
         "positive_share": {k: round(v, 4) for k, v in share.items()},
+        "evaluation": {name: {k: round(v, 4) for k, v in row.items()} for name, row in table.items()},
+        "report": str(report),
         "ppo_score": {"first": round(ppo.history[0]["score_mean"], 4), "last": round(tail[-1]["score_mean"], 4)},
         "ppo_kl_to_sft": round(ppo_kl, 4),
         "judged_generations": len(judged),
@@ -233,6 +274,9 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     log(f"reward model held-out accuracy (positive review preferred): {rm_accuracy:.3f}")
     log(f"positive share of {len(judged)} sampled reviews (lexicon judge): sft {100 * share['sft']:.0f}%, "
         f"dpo {100 * share['dpo']:.0f}%, ppo {100 * share['ppo']:.0f}% (ppo KL to sft {ppo_kl:.2f} nats per response)")
+    log(f"\nevaluation on {len(judged)} unseen prompts (sampled at temperature 0.7; KL in nats per response; "
+        "BLEU against positive reference reviews):\n" + markdown_table(table))
+    log(f"plots and report: {report}")
     log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter; merged in sft/merged), "
         f"{out / 'rm'} (reward model), {out / 'dpo'} (DPO adapter), {out / 'ppo'} (PPO adapter)")
     log("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in figures["seconds"].items()))
