@@ -15,7 +15,12 @@ def test_quick_demo_runs_every_stage_and_sft_beats_base(tmp_path, capsys):
         assert (out / stage / "metrics.jsonl").read_text().strip()
     assert (out / "sft" / "final" / "adapter_config.json").is_file()  # SFT trains a LoRA adapter
     assert figures["rm_held_out_accuracy"] >= 0.8  # even the quick world separates the pairs
-    assert set(figures["positive_share"]) == {"sft", "dpo", "ppo"}
+    assert set(figures["positive_share"]) == {"base", "sft", "dpo", "ppo"}
+    table = figures["evaluation"]
+    assert table["sft"]["win_rate_vs_sft"] == 0.5 and table["sft"]["kl_to_sft"] == 0.0
+    assert all({"positive_share", "reward_mean", "win_rate_vs_sft", "kl_to_sft", "bleu"} <= set(row)
+               for row in table.values())
+    assert (out / "report" / "report.md").is_file() and list((out / "report" / "plots").glob("*.png"))
     assert all(0 <= v <= 1 for v in figures["positive_share"].values())
     loss = figures["held_out_loss"]
     assert loss["sft"] < loss["base"] - 0.1, loss

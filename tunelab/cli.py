@@ -16,6 +16,7 @@ from tunelab.config import (ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConf
                             describe_fields)
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+PEFT_CHOICES = ("lora", "qlora", "none")
 
 
 def _keys_epilog(cls) -> str:
@@ -166,6 +167,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.modeling import merge_adapter
+
+    print(merge_adapter(args.adapter, args.output))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tunelab.report import write_report
 
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "token), prompt/completion, alpaca (instruction, input, output) or chat messages "
                          "(loss on assistant turns); the loss covers completions only unless "
                          "data.train_on_prompt=true.", epilog=_keys_epilog(SFTConfig), formatter_class=formatter)
-    _add_recipe_flags(sft, peft_choices=("lora", "none"))
+    _add_recipe_flags(sft, peft_choices=PEFT_CHOICES)
     sft.set_defaults(func=cmd_sft)
 
     rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
@@ -225,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reward.center_coef * mean((r_chosen + r_rejected)^2). With LoRA the score head trains "
                         "in full. Pairs that are empty or identical are dropped and counted.",
                         epilog=_keys_epilog(RMConfig), formatter_class=formatter)
-    _add_recipe_flags(rm, peft_choices=("lora", "none"))
+    _add_recipe_flags(rm, peft_choices=PEFT_CHOICES)
     rm.set_defaults(func=cmd_rm)
 
     dpo = sub.add_parser("dpo", help="direct preference optimization on preference pairs (no reward model)",
@@ -235,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "NLL term on the chosen response. The reference is the adapter-disabled base with LoRA "
                          "(no second copy), a frozen copy with full fine-tuning or --ref, or precomputed once "
                          "with dpo.precompute_ref=true.", epilog=_keys_epilog(DPOConfig), formatter_class=formatter)
-    _add_recipe_flags(dpo, peft_choices=("lora", "none"))
+    _add_recipe_flags(dpo, peft_choices=PEFT_CHOICES)
     dpo.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
     dpo.set_defaults(func=cmd_dpo)
 
@@ -247,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and runs ppo.epochs of clipped policy and value updates. --max-steps is the number of "
                          "iterations. With LoRA one base model serves policy, value head and reference.",
                          epilog=_keys_epilog(PPOConfig), formatter_class=formatter)
-    _add_recipe_flags(ppo, peft_choices=("lora", "none"))
+    _add_recipe_flags(ppo, peft_choices=PEFT_CHOICES)
     ppo.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                      "module:function (reward.source)")
     ppo.set_defaults(func=cmd_ppo)
@@ -298,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="evaluate only the first N rows")
     _add_generation_flags(ev)
     ev.set_defaults(func=cmd_eval)
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model",
+                           description="Merge a LoRA adapter (a run directory or its final/) into its base model "
+                           "and write a standalone Hugging Face model: safetensors weights, tokenizer and "
+                           "generation config, loadable with AutoModelFor*.from_pretrained.")
+    merge.add_argument("adapter", help="run directory or adapter directory")
+    merge.add_argument("--output", required=True, help="directory for the merged model")
+    merge.set_defaults(func=cmd_merge)
 
     rep = sub.add_parser("report", help="plots and report.md from runs' metrics.jsonl",
                          description="Turn the metrics.jsonl of one or more runs into PNG plots (one per metric, "

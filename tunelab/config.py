@@ -89,13 +89,22 @@ class TrainConfig(Section):
     report: bool = Field(True, description="write plots/ and report.md into the run directory at the end")
 
 
+class QuantizationConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="QLoRA: weight precision of the frozen base")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type (NormalFloat4 or FP4)")
+    double_quant: bool = Field(True, description="QLoRA: also quantize the quantization constants")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="QLoRA: dtype of the matmuls")
+
+
 class RecipeConfig(Section):
     """Sections every training recipe has."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    peft: Literal["lora", "none"] = Field("lora", description="parameters to train: LoRA adapters or all")
+    peft: Literal["lora", "qlora", "none"] = Field(
+        "lora", description="parameters to train: LoRA adapters, LoRA on a quantized base (qlora), or all")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: str = Field("", description="run directory (--output)")
 
@@ -103,7 +112,11 @@ class RecipeConfig(Section):
         """The learning rate in force: the configured one, or the default for the chosen PEFT method."""
         if self.train.lr is not None:
             return self.train.lr
-        return 2e-4 if self.peft == "lora" else 2e-5
+        return 2e-4 if self.peft != "none" else 2e-5
+
+    def quantization_in_force(self) -> QuantizationConfig | None:
+        """The quantization of the base weights: only with peft=qlora."""
+        return self.quantization if self.peft == "qlora" else None
 
 
 class SFTConfig(RecipeConfig):
@@ -141,7 +154,7 @@ class DPOConfig(RecipeConfig):
     def resolved_lr(self) -> float:
         if self.train.lr is not None:
             return self.train.lr
-        return 5e-5 if self.peft == "lora" else 5e-7
+        return 5e-5 if self.peft != "none" else 5e-7
 
 
 class GenerationConfig(Section):
@@ -196,7 +209,7 @@ class PPOConfig(RecipeConfig):
     def resolved_lr(self) -> float:
         if self.train.lr is not None:
             return self.train.lr
-        return 1e-4 if self.peft == "lora" else 1e-5
+        return 1e-4 if self.peft != "none" else 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.config import LoraConfig, ModelConfig
+from tunelab.config import LoraConfig, ModelConfig, QuantizationConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,12 +47,53 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(config: ModelConfig) -> nn.Module:
-    """A causal LM from a directory or hub name, weights from safetensors, in `config.dtype`."""
+QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_quantization_possible() -> None:
+    """QLoRA needs CUDA and bitsandbytes: say so before any data or model work."""
+    if not torch.cuda.is_available():
+        raise ModelLoadError("--peft qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels), and this machine has "
+                             "none; use --peft lora here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("--peft qlora needs bitsandbytes: pip install -e '.[qlora]'") from None
+
+
+def bnb_config(quantization: QuantizationConfig):
+    """The transformers BitsAndBytesConfig for a quantization section (4-bit NF4 etc., or 8-bit)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.type,
+                              bnb_4bit_use_double_quant=quantization.double_quant,
+                              bnb_4bit_compute_dtype=QUANT_DTYPES[quantization.compute_dtype])
+
+
+def _quantized_kwargs(quantization: QuantizationConfig | None) -> dict:
+    if quantization is None:
+        return {}
+    return {"quantization_config": bnb_config(quantization), "device_map": {"": torch.cuda.current_device()}}
+
+
+def _prepare_quantized(model: nn.Module, quantization: QuantizationConfig | None, checkpointing: bool) -> nn.Module:
+    if quantization is None:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+
+
+def load_causal_lm(config: ModelConfig, quantization: QuantizationConfig | None = None) -> nn.Module:
+    """A causal LM from a directory or hub name, weights from safetensors, in `config.dtype` (or quantized)."""
     from transformers import AutoModelForCausalLM
 
     model = _load(AutoModelForCausalLM.from_pretrained, config.name_or_path, "model",
-                  dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, use_safetensors=True)
+                  dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, use_safetensors=True,
+                  **_quantized_kwargs(quantization))
+    model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -64,13 +105,13 @@ def apply_peft(model: nn.Module, method: str, lora: LoraConfig, task_type: str =
     if method == "none":
         model.requires_grad_(True)
         return model
-    if method == "lora":
+    if method in ("lora", "qlora"):  # qlora: the base was loaded quantized; the adapters are the same
         import peft
 
         peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                       target_modules=lora.target_modules, task_type=task_type)
         return peft.get_peft_model(model, peft_config)
-    raise ValueError(f"unknown peft method '{method}'; expected 'lora' or 'none'")
+    raise ValueError(f"unknown peft method '{method}'; expected 'lora', 'qlora' or 'none'")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -103,13 +144,15 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
     return model.eval(), tokenizer
 
 
-def load_reward_model(config: ModelConfig, pad_token_id: int | None) -> nn.Module:
+def load_reward_model(config: ModelConfig, pad_token_id: int | None,
+                      quantization: QuantizationConfig | None = None) -> nn.Module:
     """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none)."""
     from transformers import AutoModelForSequenceClassification
 
     model = _load(AutoModelForSequenceClassification.from_pretrained, config.name_or_path, "reward model",
                   num_labels=1, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code,
-                  use_safetensors=True)
+                  use_safetensors=True, **_quantized_kwargs(quantization))
+    model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
     model.config.pad_token_id = pad_token_id
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -131,10 +174,31 @@ def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool =
 
 
 def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
-    """Fold a causal-LM LoRA adapter into its base model and save a standalone model + tokenizer."""
+    """Fold a LoRA adapter (a run directory or its final/) into its base model; save a standalone model.
+
+    Writes safetensors weights, the tokenizer and (for causal LMs) the generation config. Refuses a
+    directory that is not an adapter, and an adapter whose base checkpoint is itself quantized.
+    """
+    import json
+
     from tunelab.checkpoint import atomic_dir
 
-    model, tokenizer = load_for_inference(adapter_dir)
+    path = Path(adapter_dir)
+    if (path / "final").is_dir():
+        path = path / "final"
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} is not a LoRA adapter (no adapter_config.json): it is already a full model, "
+                             "so there is nothing to merge")
+    adapter = json.loads(config_file.read_text())
+    base = adapter.get("base_model_name_or_path") or ""
+    base_config = Path(base) / "config.json"
+    if base_config.is_file() and "quantization_config" in json.loads(base_config.read_text()):
+        raise ModelLoadError(f"the adapter's base model {base} is stored quantized; merging into quantized weights "
+                             "would lose the adapter's precision. Merge onto the original 16/32-bit base instead: "
+                             "set base_model_name_or_path in adapter_config.json to it (or dequantize the base first)")
+    load = load_reward_model_for_inference if adapter.get("task_type") == "SEQ_CLS" else load_for_inference
+    model, tokenizer = load(str(path))
     with atomic_dir(Path(output_dir)) as tmp:
         save_pretrained(model, tokenizer, tmp)
     return Path(output_dir)

@@ -16,7 +16,8 @@ from tunelab.config import RecipeConfig, config_to_yaml
 from tunelab.data.batching import epoch_batches, mixture_indices, pad_batch
 from tunelab.data.dataset import Item, TokenizedData
 from tunelab.data.templates import Rendered
-from tunelab.modeling import apply_peft, count_parameters, load_tokenizer, save_pretrained
+from tunelab.modeling import (apply_peft, check_quantization_possible, count_parameters, load_tokenizer,
+                              save_pretrained)
 
 
 def log(text: str) -> None:
@@ -30,8 +31,8 @@ def absolute_if_local(name_or_path: str) -> str:
     return str(path.resolve()) if name_or_path and path.exists() else name_or_path
 
 
-def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool) -> RunDir:
-    """Prepare the run directory and write the fully resolved config.yaml."""
+def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool, header: str = "") -> RunDir:
+    """Prepare the run directory and write the fully resolved config.yaml (with `header` as a comment)."""
     from accelerate import PartialState
 
     state = PartialState()
@@ -39,7 +40,7 @@ def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool) 
     state.wait_for_everyone()  # every process has checked the directory before it changes
     if state.is_main_process:  # under `accelerate launch`, one process owns the directory
         run.prepare(resume=resume, overwrite=overwrite)
-        atomic_write_text(run.config, config_to_yaml(config))
+        atomic_write_text(run.config, (f"# {header}\n" if header else "") + config_to_yaml(config))
     state.wait_for_everyone()
     return run
 
@@ -63,6 +64,8 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     have loaded, so a typo never leaves a half-made run behind.
     """
     RunDir(config.output).check(resume=resume, overwrite=overwrite)
+    if config.peft == "qlora":
+        check_quantization_possible()
     config.model.name_or_path = absolute_if_local(config.model.name_or_path)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(tokenizer)
@@ -71,9 +74,9 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     torch.manual_seed(config.train.seed)
     model = apply_peft(load_model(tokenizer), config.peft, config.lora, task_type=task_type)
     trainable, total = count_parameters(model)
-    log(f"model: {config.model.name_or_path} ({config.peft}: training {trainable:,} of {total:,} parameters, "
-        f"{100 * trainable / total:.2f}%)")
-    run = start_run(config, config.output, resume=resume, overwrite=overwrite)
+    counts = f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    log(f"model: {config.model.name_or_path} ({config.peft}: {counts})")
+    run = start_run(config, config.output, resume=resume, overwrite=overwrite, header=f"{config.peft}: {counts}")
     return Prepared(run, tokenizer, data, model)
 
 

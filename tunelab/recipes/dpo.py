@@ -105,7 +105,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
     """Optimize a policy on preference pairs and write `final/` into `config.output`."""
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
-                              load_model=lambda tok: load_causal_lm(config.model))
+                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
     chunk = config.train.logprob_chunk
     separate_ref = config.peft == "none" or (config.ref is not None and config.ref != config.model.name_or_path)

@@ -131,7 +131,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size)
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
-                              load_model=lambda tok: load_causal_lm(config.model))
+                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy, run = prepared.tokenizer, prepared.data, prepared.model, prepared.run
     train, ppo, gen = config.train, config.ppo, config.generation
     chunk = train.logprob_chunk

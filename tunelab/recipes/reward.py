@@ -58,7 +58,8 @@ def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False, q
     prepared = prepare_recipe(
         config, resume=resume, overwrite=overwrite, task_type="SEQ_CLS",
         prepare_data=lambda tok: prepare_preference_data(config.data, tok, seed=config.train.seed),
-        load_model=lambda tok: load_reward_model(config.model, tok.pad_token_id))
+        load_model=lambda tok: load_reward_model(config.model, tok.pad_token_id,
+                                                  config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
 
     def collate(pairs):

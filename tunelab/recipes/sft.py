@@ -40,7 +40,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     """Train a causal LM with supervised fine-tuning and write `final/` into `config.output`."""
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_sft_data(config.data, tok, seed=config.train.seed),
-                              load_model=lambda tok: load_causal_lm(config.model))
+                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
     template = resolve_chat_template(tokenizer, config.data.chat_template)
     if template:

@@ -1,0 +1,83 @@
+"""QLoRA configuration, merging adapters into standalone models, parameter counts in config.yaml."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
+from tunelab.cli import main
+from tunelab.config import QuantizationConfig, SFTConfig, build_config
+from tunelab.modeling import ModelLoadError, bnb_config, merge_adapter
+from tunelab.recipes.sft import run_sft
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    model_dir = make_tiny_model_dir(root / "model")
+    data = write_jsonl(root / "train.jsonl", instruction_rows(24))
+    run_sft(sft_config(model_dir, data, root / "run", max_steps=3, lr=5e-2), quiet=True)
+    return model_dir, data, root / "run"
+
+
+def test_quantization_section_translates_to_bitsandbytes_config():
+    config = build_config(SFTConfig, overrides=["peft=qlora", "quantization.compute_dtype=bf16"])
+    assert config.quantization_in_force() == QuantizationConfig()
+    four = bnb_config(config.quantization)
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = bnb_config(QuantizationConfig(bits=8))
+    assert eight.load_in_8bit and not eight.load_in_4bit
+    assert build_config(SFTConfig).quantization_in_force() is None  # only qlora quantizes
+    with pytest.raises(Exception, match="'nf4' or 'fp4'"):
+        build_config(SFTConfig, overrides=["quantization.type=n4f"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_qlora_without_cuda_fails_before_any_data_work(tmp_path, capsys):
+    code = main(["sft", "--model", str(tmp_path / "missing-model"), "--data", str(tmp_path / "missing.jsonl"),
+                 "--output", str(tmp_path / "run"), "--peft", "qlora"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--peft qlora needs a CUDA GPU" in err and "missing.jsonl" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_merge_gives_the_same_logits_as_the_adapter(trained, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    _, _, run = trained
+    out = merge_adapter(str(run), str(tmp_path / "merged"))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not (out / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    adapter = AutoPeftModelForCausalLM.from_pretrained(run / "final").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.allclose(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_merge_refuses_full_models_and_quantized_bases(trained, tmp_path, capsys):
+    model_dir, _, run = trained
+    with pytest.raises(ModelLoadError, match="not a LoRA adapter"):
+        merge_adapter(str(model_dir), str(tmp_path / "x"))
+    fake = tmp_path / "adapter"
+    fake.mkdir()
+    base = tmp_path / "quantized-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"quantization_config": {"load_in_4bit": True}}))
+    (fake / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    assert main(["merge", str(fake), "--output", str(tmp_path / "y")]) == 2
+    assert "stored quantized" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_config_yaml_records_trainable_parameters(trained):
+    _, _, run = trained
+    first = (run / "config.yaml").read_text().splitlines()[0]
+    assert first.startswith("# lora: training ") and "parameters (" in first and "%)" in first
