@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_output(text: str, output: str | None) -> None:
+    """Write `text` whole to the file `output` (atomically, creating folders), or to stdout without one."""
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(output), text)
+    else:
+        sys.stdout.write(text)
 
 
 class RunDir:

@@ -70,40 +70,22 @@ def _recipe_config(cls, args: argparse.Namespace):
     return build_config(cls, yaml_path=args.config, flags=flags, overrides=args.overrides)
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from tunelab.recipes.sft import run_sft
+def _recipe_command(cls, module: str, function: str):
+    """The command of a training recipe: build its config from the flags, run it, print final/."""
+    def command(args: argparse.Namespace) -> int:
+        import importlib
 
-    config = _recipe_config(SFTConfig, args)
-    result = run_sft(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    print(result.final_dir)
-    return 0
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    from tunelab.recipes.reward import run_rm
-
-    config = _recipe_config(RMConfig, args)
-    result = run_rm(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    print(result.final_dir)
-    return 0
+        run = getattr(importlib.import_module(module), function)
+        result = run(_recipe_config(cls, args), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        print(result.final_dir)
+        return 0
+    return command
 
 
-def cmd_dpo(args: argparse.Namespace) -> int:
-    from tunelab.recipes.dpo import run_dpo
-
-    config = _recipe_config(DPOConfig, args)
-    result = run_dpo(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    print(result.final_dir)
-    return 0
-
-
-def cmd_ppo(args: argparse.Namespace) -> int:
-    from tunelab.recipes.ppo import run_ppo
-
-    config = _recipe_config(PPOConfig, args)
-    result = run_ppo(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    print(result.final_dir)
-    return 0
+cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")
+cmd_rm = _recipe_command(RMConfig, "tunelab.recipes.reward", "run_rm")
+cmd_dpo = _recipe_command(DPOConfig, "tunelab.recipes.dpo", "run_dpo")
+cmd_ppo = _recipe_command(PPOConfig, "tunelab.recipes.ppo", "run_ppo")
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
-from tunelab.checkpoint import atomic_write_text
+from tunelab.checkpoint import write_output
 from tunelab.data.formats import Example, to_examples
 from tunelab.data.load import DataError, load_rows
 from tunelab.data.templates import prompt_text, render_chat, require_chat_template
@@ -77,11 +77,7 @@ def generate_file(model_path: str, prompts_path: str, output: str | None, option
     kwargs = {k: v for k, v in asdict(options).items()}
     responses = generate(model, tokenizer, [r.prompt for r in rows], **kwargs)
     lines = "".join(json.dumps({"prompt": r.prompt, "response": text}) + "\n" for r, text in zip(rows, responses))
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(output), lines)
-    else:
-        sys.stdout.write(lines)
+    write_output(lines, output)
     return len(rows)
 
 

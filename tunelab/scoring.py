@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-from tunelab.checkpoint import atomic_write_text
+from tunelab.checkpoint import write_output
 from tunelab.data.formats import Row, text_or_messages
 from tunelab.data.load import DataError, load_rows
 from tunelab.rewards import RewardScorer
@@ -38,9 +36,5 @@ def score_file(model: str, data: str, output: str | None = None, batch_size: int
     scorer = RewardScorer(model, batch_size=batch_size)
     rewards = scorer.score([p for p, _ in pairs], [r for _, r in pairs])
     lines = "".join(json.dumps({**row.values, "reward": reward}) + "\n" for row, reward in zip(rows, rewards))
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(output), lines)
-    else:
-        sys.stdout.write(lines)
+    write_output(lines, output)
     return len(rows)
