@@ -71,7 +71,7 @@ def test_merge_refuses_full_models_and_quantized_bases(trained, tmp_path, capsys
     base = tmp_path / "quantized-base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"quantization_config": {"load_in_4bit": True}}))
-    (fake / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (fake / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "peft_type": "LORA"}))
     assert main(["merge", str(fake), "--output", str(tmp_path / "y")]) == 2
     assert "stored quantized" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
@@ -81,3 +81,46 @@ def test_config_yaml_records_trainable_parameters(trained):
     _, _, run = trained
     first = (run / "config.yaml").read_text().splitlines()[0]
     assert first.startswith("# lora: training ") and "parameters (" in first and "%)" in first
+
+
+def test_prompt_tuning_trains_only_the_soft_prompt(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir, _, _ = trained
+    rows = [{"prompt": "Write a review: ", "completion": "Superb."} for _ in range(24)]
+    data = write_jsonl(tmp_path / "task.jsonl", rows)
+    config = sft_config(model_dir, data, tmp_path / "run", peft="prompt", max_steps=6, lr=0.3)
+    config.prompt_tuning.num_virtual_tokens = 8
+    before = load_file(model_dir / "model.safetensors")
+    result = run_sft(config, quiet=True)
+    assert all(torch.equal(before[k], v) for k, v in load_file(model_dir / "model.safetensors").items())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "split" not in json.loads(line)]
+    assert losses[-1] < losses[0]  # the soft prompt alone moves the loss
+    saved = load_file(result.final_dir / "adapter_model.safetensors")
+    assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape[0] == 8
+    from tunelab.modeling import load_for_inference
+    from tunelab.rollout import generate
+
+    model, tokenizer = load_for_inference(str(result.final_dir))  # the soft prompt is kept, not merged
+    assert model.active_peft_config.num_virtual_tokens == 8
+    assert len(generate(model, tokenizer, ["Write a review: "], max_new_tokens=4)) == 1
+    with pytest.raises(ModelLoadError, match="PROMPT_TUNING adapter; only LoRA"):
+        merge_adapter(str(result.final_dir), str(tmp_path / "merged"))
+
+
+def test_prompt_tuning_reference_is_the_model_without_the_prompt(trained, tmp_path):
+    from tunelab.config import DataConfig, DataSource, DPOConfig, ModelConfig, TrainConfig
+    from tunelab.recipes.dpo import run_dpo
+
+    model_dir, _, _ = trained
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Film {i}: ", "chosen": "Superb.", "rejected": "Dull."}
+                                                   for i in range(16)])
+    config = DPOConfig(model=ModelConfig(name_or_path=str(model_dir)), output=str(tmp_path / "dpo"), peft="prompt",
+                       data=DataConfig(sources=[DataSource(path=str(pairs))], eval_fraction=0.0),
+                       train=TrainConfig(max_steps=2, batch_size=8, log_every=1, report=False))
+    result = run_dpo(config, quiet=True)
+    assert result.reference == "adapter disabled"
+    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    # a random soft prompt already changes the policy, so unlike LoRA it does not start exactly at log 2
+    assert first["loss"] != pytest.approx(0.6931472, abs=1e-6)

@@ -16,7 +16,7 @@ from tunelab.config import (ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConf
                             describe_fields)
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-PEFT_CHOICES = ("lora", "qlora", "none")
+PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
 
 
 def _keys_epilog(cls) -> str:

@@ -96,14 +96,22 @@ class QuantizationConfig(Section):
     compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="QLoRA: dtype of the matmuls")
 
 
+class PromptTuningConfig(Section):
+    num_virtual_tokens: int = Field(16, ge=1, description="prompt tuning: soft-prompt length in tokens")
+    init_text: str | None = Field(
+        None, description="prompt tuning: initialise the soft prompt from this text's embeddings (else random)")
+
+
 class RecipeConfig(Section):
     """Sections every training recipe has."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    peft: Literal["lora", "qlora", "none"] = Field(
-        "lora", description="parameters to train: LoRA adapters, LoRA on a quantized base (qlora), or all")
+    peft: Literal["lora", "qlora", "prompt", "none"] = Field(
+        "lora", description="parameters to train: LoRA adapters, LoRA on a quantized base (qlora), a soft "
+        "prompt (prompt), or all (none)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: str = Field("", description="run directory (--output)")
@@ -112,7 +120,7 @@ class RecipeConfig(Section):
         """The learning rate in force: the configured one, or the default for the chosen PEFT method."""
         if self.train.lr is not None:
             return self.train.lr
-        return 2e-4 if self.peft != "none" else 2e-5
+        return {"none": 2e-5, "prompt": 3e-2}.get(self.peft, 2e-4)
 
     def quantization_in_force(self) -> QuantizationConfig | None:
         """The quantization of the base weights: only with peft=qlora."""

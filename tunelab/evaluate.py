@@ -15,7 +15,7 @@ from torch import nn
 
 from tunelab.data.batching import pad_batch
 from tunelab.data.templates import Rendered
-from tunelab.logprobs import position_ids_from_mask, token_logprobs, trunk_and_head
+from tunelab.logprobs import hidden_states, token_logprobs, trunk_and_head
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -76,9 +76,8 @@ def win_rate(scores_a: list[float], scores_b: list[float], tie_tolerance: float 
 
 def _scored_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Module]:
     """Hidden states `[N, H]` of the positions that predict scored tokens, and the model's LM head."""
-    trunk, head = trunk_and_head(model)
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).last_hidden_state
+    _, head = trunk_and_head(model)
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     return hidden[:, :-1][batch["loss_mask"][:, 1:].bool()], head
 
 

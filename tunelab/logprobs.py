@@ -58,6 +58,27 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states `[B, T, H]` of the transformer body, positions counted over real tokens.
+
+    With a soft prompt (PEFT prompt tuning) its virtual tokens are prepended, as the PEFT model's own
+    forward and generate do, and their positions are cut from the result.
+    """
+    from tunelab.modeling import is_prompt_learning
+
+    trunk, _ = trunk_and_head(model)
+    if not is_prompt_learning(model):
+        return trunk(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    embeddings = model.get_base_model().get_input_embeddings()(input_ids)
+    prompt = model.get_prompt(batch_size=input_ids.shape[0]).to(embeddings.dtype)
+    virtual = prompt.shape[1]
+    mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], virtual), attention_mask], dim=1)
+    hidden = trunk(inputs_embeds=torch.cat([prompt, embeddings], dim=1), attention_mask=mask,
+                   position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
+    return hidden[:, virtual:]
+
+
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    loss_mask: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
     """Log-probability of each scored token under `model`.
@@ -66,9 +87,8 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     `input_ids[b, t]` given `input_ids[b, :t]` (right padding).
     Returns `[B, T]` fp32 log-probs, 0 where `loss_mask` is 0.
     """
-    trunk, head = trunk_and_head(model)
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    _, head = trunk_and_head(model)
+    hidden = hidden_states(model, input_ids, attention_mask)
     scored = loss_mask[:, 1:].bool()
     picked = head_logprobs(head, hidden[:, :-1][scored], input_ids[:, 1:][scored], chunk_size)
     shifted = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, picked)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tunelab.config import LoraConfig, ModelConfig, QuantizationConfig
+from tunelab.config import ModelConfig, QuantizationConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,18 +100,45 @@ def load_causal_lm(config: ModelConfig, quantization: QuantizationConfig | None 
     return model
 
 
-def apply_peft(model: nn.Module, method: str, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
-    """Wrap `model` for the chosen parameter method: 'lora' adds adapters (base frozen), 'none' trains all."""
+def apply_peft(model: nn.Module, config, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap `model` for `config.peft`: LoRA adapters (lora, qlora), a soft prompt (prompt), or all weights (none).
+
+    With adapters or a soft prompt the base weights are frozen.
+    """
+    method = config.peft
     if method == "none":
         model.requires_grad_(True)
         return model
-    if method in ("lora", "qlora"):  # qlora: the base was loaded quantized; the adapters are the same
-        import peft
+    import peft
 
-        peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                      target_modules=lora.target_modules, task_type=task_type)
-        return peft.get_peft_model(model, peft_config)
-    raise ValueError(f"unknown peft method '{method}'; expected 'lora', 'qlora' or 'none'")
+    if method in ("lora", "qlora"):  # qlora: the base was loaded quantized; the adapters are the same
+        lora = config.lora
+        return peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                          target_modules=lora.target_modules, task_type=task_type))
+    if method == "prompt":
+        prompt = config.prompt_tuning
+        init = {"prompt_tuning_init": peft.PromptTuningInit.RANDOM}
+        if prompt.init_text:
+            init = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt.init_text,
+                    "tokenizer_name_or_path": config.model.name_or_path}
+        return peft.get_peft_model(model, peft.PromptTuningConfig(
+            task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, **init))
+    raise ValueError(f"unknown peft method '{method}'; expected lora, qlora, prompt or none")
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    """True for a PEFT model whose adapter is a soft prompt (its forward prepends virtual tokens)."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """The model without its adapter, for reference computations: LoRA disabled, or the base without the prompt."""
+    if is_prompt_learning(model):
+        yield model.get_base_model()
+    else:
+        with model.disable_adapter():
+            yield model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -137,7 +165,9 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
         from peft import AutoPeftModelForCausalLM
 
         model = _load(AutoPeftModelForCausalLM.from_pretrained, name_or_path, "adapter",
-                      trust_remote_code=trust_remote_code).merge_and_unload()
+                      trust_remote_code=trust_remote_code)
+        if not is_prompt_learning(model):  # a soft prompt cannot be folded into the weights
+            model = model.merge_and_unload()
     else:
         model = load_causal_lm(config)
     return model.eval(), tokenizer
@@ -166,7 +196,9 @@ def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool =
         from peft import AutoPeftModelForSequenceClassification
 
         model = _load(AutoPeftModelForSequenceClassification.from_pretrained, name_or_path, "reward adapter",
-                      num_labels=1, trust_remote_code=trust_remote_code).merge_and_unload()
+                      num_labels=1, trust_remote_code=trust_remote_code)
+        if not is_prompt_learning(model):
+            model = model.merge_and_unload()
     else:
         model = load_reward_model(config, tokenizer.pad_token_id)
     return model.eval(), tokenizer
@@ -190,6 +222,9 @@ def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
         raise ModelLoadError(f"{path} is not a LoRA adapter (no adapter_config.json): it is already a full model, "
                              "so there is nothing to merge")
     adapter = json.loads(config_file.read_text())
+    if adapter.get("peft_type") != "LORA":
+        raise ModelLoadError(f"{path} holds a {adapter.get('peft_type')} adapter; only LoRA adapters fold into the "
+                             "weights (a soft prompt stays an adapter: load it with peft)")
     base = adapter.get("base_model_name_or_path") or ""
     base_config = Path(base) / "config.json"
     if base_config.is_file() and "quantization_config" in json.loads(base_config.read_text()):

@@ -18,7 +18,7 @@ from torch import nn
 
 from tunelab.data.preference import scored_sequence
 from tunelab.data.batching import pad_batch
-from tunelab.logprobs import position_ids_from_mask
+from tunelab.logprobs import hidden_states
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,10 +37,8 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     head = getattr(base, "score", None)
     if head is None:  # encoders: the model's own pooler + classifier
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    trunk = getattr(base, base.base_model_prefix)
     # positions count real tokens only, so a left-padded row scores exactly like the unpadded one
-    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    hidden = hidden_states(model, input_ids, attention_mask)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return head(last)[:, 0].float()
 

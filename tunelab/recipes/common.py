@@ -72,7 +72,7 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     for line in data.summary_lines():
         log(f"data: {line}")
     torch.manual_seed(config.train.seed)
-    model = apply_peft(load_model(tokenizer), config.peft, config.lora, task_type=task_type)
+    model = apply_peft(load_model(tokenizer), config, task_type=task_type)
     trainable, total = count_parameters(model)
     counts = f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     log(f"model: {config.model.name_or_path} ({config.peft}: {counts})")

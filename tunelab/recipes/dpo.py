@@ -25,7 +25,7 @@ from tunelab.data.preference import PolicyPair, prepare_policy_pairs
 from tunelab.logprobs import LogprobModel, token_logprobs
 from tunelab.loop import TrainResult, to_device, train
 from tunelab.losses import dpo_loss
-from tunelab.modeling import load_causal_lm
+from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import batch_plan, collate_rendered, eval_batches, log, prepare_recipe, write_final
 
 RefFn = Callable[[dict], torch.Tensor]
@@ -64,8 +64,8 @@ def reference_fn(policy: nn.Module, ref_model: nn.Module | None, chunk_size: int
         try:
             if ref_model is not None:
                 return sequence_logprobs(ref_model, batch, chunk_size)
-            with policy.disable_adapter():
-                return sequence_logprobs(policy, batch, chunk_size)
+            with adapter_disabled(policy) as base:
+                return sequence_logprobs(base, batch, chunk_size)
         finally:
             model.train(was_training)
     return reference

@@ -30,11 +30,11 @@ from tunelab.config import ModelConfig, PPOConfig
 from tunelab.data.dataset import prepare_data
 from tunelab.data.formats import Example
 from tunelab.data.templates import prompt_text
-from tunelab.logprobs import head_logprobs, position_ids_from_mask, token_logprobs, trunk_and_head
+from tunelab.logprobs import head_logprobs, hidden_states, token_logprobs, trunk_and_head
 from tunelab.loop import Progress, TrainingError, lr_factor
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
-from tunelab.modeling import load_causal_lm
+from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import batch_plan, log, prepare_recipe, write_final
 from tunelab.report import report_at_end
 from tunelab.rewards import load_reward_fn
@@ -62,9 +62,8 @@ class PolicyWithValueHead(nn.Module):
         The value of token t is estimated from the state before it (the hidden state at t - 1), the
         same position whose LM-head output gives t's log-prob.
         """
-        trunk, head = trunk_and_head(self.policy)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        _, head = trunk_and_head(self.policy)
+        hidden = hidden_states(self.policy, input_ids, attention_mask)
         scored = loss_mask[:, 1:].bool()
         picked = hidden[:, :-1][scored]
         logprob_entropy = head_logprobs(head, picked, input_ids[:, 1:][scored], self.chunk_size, with_entropy=True)
@@ -108,8 +107,8 @@ def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch: di
     with torch.no_grad():
         if ref_model is not None:
             return token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
-        with policy.disable_adapter():
-            return token_logprobs(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
+        with adapter_disabled(policy) as base:
+            return token_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, config: PPOConfig) -> torch.Tensor:
