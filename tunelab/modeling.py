@@ -121,8 +121,17 @@ def apply_peft(model: nn.Module, config, task_type: str = "CAUSAL_LM") -> nn.Mod
         if prompt.init_text:
             init = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt.init_text,
                     "tokenizer_name_or_path": config.model.name_or_path}
-        return peft.get_peft_model(model, peft.PromptTuningConfig(
+        wrapped = peft.get_peft_model(model, peft.PromptTuningConfig(
             task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, **init))
+        if not prompt.init_text:
+            # peft's random init draws N(0, 1) vectors, often 10-100x the norm of real token embeddings,
+            # which swamps attention and leaves the prompt stuck; start from embeddings of randomly
+            # sampled vocabulary tokens instead (Lester et al., 2021)
+            vocabulary = model.get_input_embeddings().weight
+            picks = torch.randint(0, vocabulary.shape[0], (prompt.num_virtual_tokens,))
+            with torch.no_grad():
+                wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight.copy_(vocabulary[picks])
+        return wrapped
     raise ValueError(f"unknown peft method '{method}'; expected lora, qlora, prompt or none")
 
 
