@@ -694,6 +694,7 @@ def test_held_out_split_is_deterministic_and_capped(tmp_path, tokenizer):
     assert split_held_out(40, 0.1, 256, 3, str(path)) == split_held_out(40, 0.1, 256, 3, str(path))
     assert split_held_out(40, 0.1, 256, 3, str(path)) != split_held_out(40, 0.1, 256, 4, str(path))
     assert split_held_out(10, 0.04, 256, 0, "k") == set()   # rounds to 0
+    assert split_held_out(40, 0.1, 256, 3, "source-0") == split_held_out(40, 0.1, 256, 3, "source-0")
     assert split_held_out(1, 0.9, 256, 0, "k") == set()     # never hold out everything
 
 
@@ -849,3 +850,12 @@ def test_inspect_cli_weighted_source_and_errors(tmp_path, tokenizer_dir, capsys)
     assert main(["inspect", "--model", str(tokenizer_dir), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tunelab inspect: error: {bad} line 3: malformed JSON")
+
+
+def test_held_out_split_does_not_depend_on_where_the_data_lives(tmp_path, tokenizer):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(60)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = prepare_sft_data(config_for(write_jsonl(tmp_path / "a" / "x.jsonl", rows), eval_fraction=0.2), tokenizer)
+    second = prepare_sft_data(config_for(write_jsonl(tmp_path / "b" / "y.jsonl", rows), eval_fraction=0.2), tokenizer)
+    assert [r.ids for r in first.held_out] == [r.ids for r in second.held_out] and first.held_out

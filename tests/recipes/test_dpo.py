@@ -48,7 +48,7 @@ def test_three_reference_modes_give_the_same_losses(tiny_dir, tmp_path):
         runs[mode] = losses(tmp_path / mode)
         assert result.reference.startswith(expected), result.reference
     assert runs["adapter"][0] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts at the reference
-    assert runs["adapter"][2] < runs["adapter"][0]
+    assert abs(runs["adapter"][2] - math.log(2)) > 1e-3  # by step 3 the policy has left the reference
     # steps 2 and 3 have a policy different from the reference: the references must agree exactly
     assert runs["copy"] == pytest.approx(runs["adapter"], abs=1e-5)
     assert runs["precomputed"] == pytest.approx(runs["adapter"], abs=1e-5)

@@ -90,7 +90,7 @@ def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | No
     if not config.sources:
         raise DataError("no training data given: pass --data PATH (or set data.sources in the config)")
     data: TokenizedData[Item] = TokenizedData()
-    for source in config.sources:
+    for index, source in enumerate(config.sources):
         fmt, examples = to_examples(load_rows(source.path, source.split), source.format, source.path)
         if fmt not in formats:
             raise DataError(f"{source.path}: rows are '{fmt}' data, which {purpose} cannot use; expected "
@@ -108,7 +108,8 @@ def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | No
         if not kept:
             raise DataError(f"{source.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
                             f"data.max_length={config.max_length}, overlong={config.overlong})")
-        held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, source.path)
+        # keyed by the source's place in the mixture, not its path: the same data held out wherever it lives
+        held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, f"source-{index}")
         data.train.extend(r for i, r in enumerate(kept) if i not in held)
         data.held_out.extend(r for i, r in enumerate(kept) if i in held)
         summary.train, summary.held_out = len(kept) - len(held), len(held)
