@@ -109,7 +109,8 @@ def test_config_to_yaml_round_trip(tmp_path):
                           overrides=["lora.r=4", "train.lr=1e-3", "peft=none"])
     text = config_to_yaml(config)
     assert yaml.safe_load(text)["lora"]["r"] == 4
-    assert list(yaml.safe_load(text)) == ["model", "data", "peft", "lora", "quantization", "train", "output"]
+    assert list(yaml.safe_load(text)) == ["model", "data", "peft", "lora", "prompt_tuning", "quantization", "train",
+                                          "output"]
     path = write_yaml(tmp_path, text, "resolved.yaml")
     assert build_config(SFTConfig, yaml_path=str(path)) == config
 
@@ -133,7 +134,7 @@ def test_describe_fields():
     assert rows["data.sources"] == ("[]", "datasets to mix (--data)")
     assert rows["data.overlong"][0] == "'truncate'"
     assert "data" not in rows and "train" not in rows and "data.sources.path" not in rows
-    leaves = {f"{section}.{name}" for section in ("model", "data", "lora", "quantization", "train")
+    leaves = {f"{section}.{name}" for section in ("model", "data", "lora", "prompt_tuning", "quantization", "train")
               for name in type(getattr(SFTConfig(), section)).model_fields}
     assert set(rows) == leaves | {"peft", "output"}
 

@@ -71,7 +71,7 @@ FULL = DemoSize(corpus_reviews=4000, instruction_rows=2000, hidden_size=128, num
                 base_epochs=3, sft_epochs=2, preference_pairs=800, rm_epochs=1,
                 dpo_epochs=1, ppo_prompts=512, ppo_iterations=30, judged_prompts=64, samples=4)
 QUICK = DemoSize(corpus_reviews=600, instruction_rows=300, hidden_size=64, num_layers=2,
-                 base_epochs=2, sft_epochs=1, preference_pairs=200, rm_epochs=1,
+                 base_epochs=2, sft_epochs=1, preference_pairs=200, rm_epochs=2,
                  dpo_epochs=1, ppo_prompts=64, ppo_iterations=3, judged_prompts=16, samples=2)
 
 
