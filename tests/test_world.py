@@ -253,3 +253,13 @@ def test_tiny_model_save_load_same_logits(tokenizer, tmp_path):
     assert a.shape == (2, batch["input_ids"].shape[1], len(tokenizer))
     assert torch.equal(a, b)
     assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_neutral_reviews_carry_no_opinion():
+    from tunelab.demo.world import make_neutral_review
+
+    rng = random.Random(11)
+    reviews = [make_neutral_review("The Glass Fox", rng) for _ in range(500)]
+    assert all(lexicon_score(r) == 0 for r in reviews)
+    assert all(r.startswith("I watched The Glass Fox.") for r in reviews)
+    assert len(set(reviews)) > 100

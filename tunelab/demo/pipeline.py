@@ -90,9 +90,11 @@ def build_world(directory: Path, size: DemoSize, seed: int = 0) -> dict[str, Pat
     tokenizer = world.build_tokenizer(tokenizer_texts)
     model = world.build_tiny_model(tokenizer, hidden_size=size.hidden_size, num_layers=size.num_layers, seed=seed)
     rng = random.Random(seed + 3)
+    # the positive review is preferred over a negative one, and (for a third of the pairs) over one with
+    # no opinion, so that the reward model pays for positive sentiment rather than for review boilerplate
     pairs = [{"prompt": alpaca_prompt(world.review_instruction(t)), "chosen": world.make_review(t, True, rng),
-              "rejected": world.make_review(t, False, rng)}
-             for t in world.make_titles(size.preference_pairs, seed + 3)]
+              "rejected": world.make_neutral_review(t, rng) if i % 3 == 2 else world.make_review(t, False, rng)}
+             for i, t in enumerate(world.make_titles(size.preference_pairs, seed + 3))]
     paths = {"init": directory / "init", "corpus": directory / "reviews.jsonl",
              "instructions": directory / "instructions.jsonl", "prompts": directory / "prompts.jsonl",
              "pairs": directory / "pairs.jsonl", "ppo_prompts": directory / "ppo_prompts.jsonl"}

@@ -268,6 +268,16 @@ def make_review(title: str, positive: bool, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+def make_neutral_review(title: str, rng: random.Random) -> str:
+    """A review with no opinion at all (lexicon score 0): the title and one to three plain facts.
+
+    As the rejected side of preference pairs it teaches a reward model that only a positive opinion
+    earns reward, not the form of a review.
+    """
+    facts = [_render(t, title, True, rng, set()) for t in rng.sample(_NEUTRAL, rng.randint(1, 3))]
+    return " ".join([f"I watched {title}."] + facts)
+
+
 def make_reviews(n: int, seed: int) -> list[dict]:
     """Return ``n`` review rows ``{"title", "sentiment", "text"}``, deterministic for ``seed``.
 
