@@ -205,6 +205,9 @@ class PPOSection(Section):
         None, gt=0, description="stop an iteration's epochs early when approx KL exceeds this")
     whiten_advantages: bool = Field(True, description="whiten advantages over the batch")
     sample_every: int = Field(10, ge=0, description="log prompt/response/score samples every N iterations (0: off)")
+    critic: str | None = Field(
+        None, description="separate critic initialised from this reward model (run or model dir); default: a "
+        "value head on the policy trunk")
 
 
 class PPOConfig(RecipeConfig):

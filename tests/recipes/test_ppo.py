@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -131,3 +132,26 @@ def test_ppo_cli_checkpoint_and_resume(tiny_dir, prompts, tmp_path):
                 + ["--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_separate_critic_from_a_reward_model(tiny_dir, prompts, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from tunelab.config import RMConfig
+    from tunelab.recipes.reward import run_rm
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Film {i}: ", "chosen": "aaa", "rejected": "zzz"}
+                                                   for i in range(16)])
+    run_rm(RMConfig(model=ModelConfig(name_or_path=str(tiny_dir)), output=str(tmp_path / "rm"), peft="none",
+                    data=DataConfig(sources=[DataSource(path=str(pairs))], eval_fraction=0.0),
+                    train=TrainConfig(max_steps=2, batch_size=8, report=False)), quiet=True)
+    config = ppo_config(tiny_dir, prompts, tmp_path / "run", train__max_steps=3, train__save_every=3,
+                        ppo__critic=str(tmp_path / "rm"))
+    config.peft = "lora"
+    result = run_ppo(config, quiet=True)
+    assert "value: critic initialised from" in capsys.readouterr().err
+    assert all(math.isfinite(h["value_loss"]) for h in result.history)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-3" / "trainable.safetensors")
+    assert any(k.startswith("critic.") and "score" in k for k in saved)  # the critic's head trains in full
+    assert any(k.startswith("critic.") and "lora_" in k for k in saved)  # and its body through its own adapter
+    assert not any(k.startswith("value_head") for k in saved)

@@ -44,16 +44,23 @@ PROMPT_FORMATS = ("prompt", "prompt_completion", "alpaca", "messages")
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM plus a scalar value head on its trunk: one forward gives log-probs, entropy and values."""
+    """A causal LM plus a value function: one forward gives log-probs, entropy and values.
 
-    def __init__(self, policy: nn.Module, chunk_size: int = 2048):
+    The value function is a scalar head on the policy's own trunk (the default), or a separate critic:
+    a one-output sequence-classification model (e.g. the reward model) whose score head is applied
+    at every position.
+    """
+
+    def __init__(self, policy: nn.Module, chunk_size: int = 2048, critic: nn.Module | None = None):
         super().__init__()
         self.policy = policy
+        self.critic = critic
         self.chunk_size = chunk_size
-        hidden = policy.get_input_embeddings().weight.shape[1]
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.value_head.bias)
+        if critic is None:
+            hidden = policy.get_input_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,12 +74,33 @@ class PolicyWithValueHead(nn.Module):
         scored = loss_mask[:, 1:].bool()
         picked = hidden[:, :-1][scored]
         logprob_entropy = head_logprobs(head, picked, input_ids[:, 1:][scored], self.chunk_size, with_entropy=True)
-        values = self.value_head(picked.float()).squeeze(-1)
+        if self.critic is None:
+            values = self.value_head(picked.float()).squeeze(-1)
+        else:
+            critic_hidden = hidden_states(self.critic, input_ids, attention_mask)[:, :-1][scored]
+            critic_base = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+            values = critic_base.score(critic_hidden)[:, 0]
 
         def place(flat: torch.Tensor) -> torch.Tensor:
             full = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
             return F.pad(full.masked_scatter(scored, flat.float()), (1, 0))
         return place(logprob_entropy[:, 0]), place(values), place(logprob_entropy[:, 1])
+
+
+def load_critic(config: PPOConfig, vocabulary_size: int) -> nn.Module:
+    """The separate critic: the named reward model, wrapped with the run's PEFT method (head trained in full)."""
+    from tunelab.generation import resolve_model_dir
+    from tunelab.modeling import apply_peft, load_reward_model_for_inference
+
+    critic, _ = load_reward_model_for_inference(resolve_model_dir(config.ppo.critic))
+    if getattr(critic, "score", None) is None:
+        raise TrainingError(f"critic {config.ppo.critic} has no per-token score head (an encoder cannot read "
+                            "prefixes); use a reward model built on a causal LM")
+    if critic.get_input_embeddings().weight.shape[0] != vocabulary_size:
+        raise TrainingError(f"critic {config.ppo.critic} has a different vocabulary from the policy; a critic must "
+                            "share the policy's tokenizer")
+    critic.train()
+    return apply_peft(critic, config, task_type="SEQ_CLS")
 
 
 @dataclass
@@ -134,14 +162,15 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     tokenizer, data, policy, run = prepared.tokenizer, prepared.data, prepared.model, prepared.run
     train, ppo, gen = config.train, config.ppo, config.generation
     chunk = train.logprob_chunk
-    module = PolicyWithValueHead(policy, chunk)
+    critic = load_critic(config, policy.get_input_embeddings().weight.shape[0]) if ppo.critic else None
+    module = PolicyWithValueHead(policy, chunk, critic)
     ref_model = None
     if config.peft == "none":
         ref_model = load_causal_lm(ModelConfig(name_or_path=config.model.name_or_path, dtype=config.model.dtype,
                                                trust_remote_code=config.model.trust_remote_code))
         ref_model.requires_grad_(False).eval()
     log(f"reference: {'frozen copy' if ref_model is not None else 'adapter disabled (no second copy)'}; "
-        "value: scalar head on the policy trunk")
+        f"value: {'critic initialised from ' + ppo.critic if critic is not None else 'scalar head on the policy trunk'}")
 
     iterations = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(len(data.train) / train.batch_size)))
     minibatches = math.ceil(train.batch_size / ppo.minibatch_size)
