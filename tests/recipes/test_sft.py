@@ -244,3 +244,26 @@ def test_bf16_autocast_trains_close_to_fp32(world_dir, tmp_path):
     b = [m["loss"] for m in metrics(tmp_path / "bf16")]
     assert a[0] == pytest.approx(b[0], rel=0.01)  # same weights, bf16 matmuls: within 1%
     assert b[-1] < b[0]
+
+
+@pytest.mark.parametrize("command,options", [
+    ("rm", ["--model", "--data", "--output", "reward.center_coef"]),
+    ("dpo", ["--ref", "dpo.beta", "dpo.loss", "dpo.precompute_ref"]),
+    ("ppo", ["--reward", "ppo.kl_coef", "generation.max_new_tokens", "ppo.critic"]),
+    ("generate", ["--prompts", "--temperature", "--top-k", "--top-p", "--num-beams", "--repetition-penalty",
+                  "--min-new-tokens", "--max-new-tokens", "--seed"]),
+    ("chat", ["--system", "--temperature"]),
+    ("eval", ["--reward", "--compare", "--ref", "--few-shot"]),
+    ("score", ["--model", "--data", "--output"]),
+    ("merge", ["--output"]),
+    ("report", ["--output"]),
+    ("inspect", ["--n", "--no-color"]),
+    ("demo", ["--quick", "--output"]),
+])
+def test_every_command_documents_its_options(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in options:
+        assert option in text, option
