@@ -83,28 +83,34 @@ def test_config_yaml_records_trainable_parameters(trained):
     assert first.startswith("# lora: training ") and "parameters (" in first and "%)" in first
 
 
-def test_prompt_tuning_trains_only_the_soft_prompt(trained, tmp_path):
+def test_prompt_tuning_learns_a_task_with_frozen_weights(trained, tmp_path):
     from safetensors.torch import load_file
 
     model_dir, _, _ = trained
-    rows = [{"prompt": "Write a review: ", "completion": "Superb."} for _ in range(24)]
-    data = write_jsonl(tmp_path / "task.jsonl", rows)
-    config = sft_config(model_dir, data, tmp_path / "run", peft="prompt", max_steps=6, lr=0.3)
-    config.prompt_tuning.num_virtual_tokens = 8
-    before = load_file(model_dir / "model.safetensors")
+    # a model that answers "Superb." after the marker A and "Dull." after B; the soft prompt alone must
+    # learn to make it answer "Dull." to the unmarked prompt
+    marked = [{"prompt": ("A" if i % 2 else "B") + ": Write a review: ", "completion": "Superb." if i % 2 else "Dull."}
+              for i in range(64)]
+    run_sft(sft_config(model_dir, write_jsonl(tmp_path / "marked.jsonl", marked), tmp_path / "marked", peft="none",
+                       max_steps=120, lr=1e-2), quiet=True)
+    base = tmp_path / "marked" / "final"
+    data = write_jsonl(tmp_path / "task.jsonl", [{"prompt": "Write a review: ", "completion": "Dull."}] * 40)
+    config = sft_config(base, data, tmp_path / "run", peft="prompt", max_steps=40, lr=0.05, schedule="constant")
+    config.prompt_tuning.num_virtual_tokens = 4
+    before = load_file(base / "model.safetensors")
     result = run_sft(config, quiet=True)
-    assert all(torch.equal(before[k], v) for k, v in load_file(model_dir / "model.safetensors").items())
+    assert all(torch.equal(before[k], v) for k, v in load_file(base / "model.safetensors").items())
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "split" not in json.loads(line)]
-    assert losses[-1] < losses[0]  # the soft prompt alone moves the loss
+    assert sum(losses[-5:]) / 5 < 0.2 * losses[0], (losses[0], losses[-5:])
     saved = load_file(result.final_dir / "adapter_model.safetensors")
-    assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape[0] == 8
+    assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape[0] == 4
     from tunelab.modeling import load_for_inference
     from tunelab.rollout import generate
 
     model, tokenizer = load_for_inference(str(result.final_dir))  # the soft prompt is kept, not merged
-    assert model.active_peft_config.num_virtual_tokens == 8
-    assert len(generate(model, tokenizer, ["Write a review: "], max_new_tokens=4)) == 1
+    assert model.active_peft_config.num_virtual_tokens == 4
+    assert generate(model, tokenizer, ["Write a review: "], max_new_tokens=6)[0].startswith("Dull")
     with pytest.raises(ModelLoadError, match="PROMPT_TUNING adapter; only LoRA"):
         merge_adapter(str(result.final_dir), str(tmp_path / "merged"))
 
