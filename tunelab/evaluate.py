@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,8 @@ def few_shot_prompts(rows: list, k: int, seed: int = 0) -> list[str]:
     return prompts
 
 
-def _rendered_completions(prompts: list[str], completions: list[str], tokenizer) -> list[Rendered]:
+def render_completions(prompts: list[str], completions: list[str], tokenizer) -> list[Rendered]:
+    """Prompt + completion rows rendered with the loss mask on the completion (for perplexity and KL)."""
     from tunelab.data.formats import Example
     from tunelab.data.templates import render_example
 
@@ -147,7 +149,7 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
     from tunelab.rollout import generate
 
     options = options or GenerationOptions()
-    gen_kwargs = {k: v for k, v in vars(options).items()}
+    gen_kwargs = asdict(options)
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
     rows = prompt_rows(data_path, tokenizer)[:limit]
     prompts = few_shot_prompts(rows, few_shot, options.seed or 0)
@@ -158,7 +160,7 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
         hyps, refs = [out for _, out in with_reference], [r.reference for r, _ in with_reference]
         results["bleu"] = bleu(hyps, refs)
         results.update(rouge(hyps, refs))
-        scored = _rendered_completions([r.prompt for r, _ in with_reference], refs, tokenizer)
+        scored = render_completions([r.prompt for r, _ in with_reference], refs, tokenizer)
         results["perplexity"] = perplexity(model, scored, tokenizer.pad_token_id, options.batch_size)
     if reward:
         scorer = RewardScorer(resolve_model_dir(reward), batch_size=options.batch_size)
@@ -173,7 +175,7 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
         raise ValueError("a win rate needs a judge: pass --reward with the reward model")
     if reference:
         ref_model, _ = load_for_inference(resolve_model_dir(reference))
-        results["kl"] = kl_to_reference(model, ref_model, _rendered_completions(prompts, responses, tokenizer),
+        results["kl"] = kl_to_reference(model, ref_model, render_completions(prompts, responses, tokenizer),
                                         tokenizer.pad_token_id, options.batch_size)
     results["generations"] = [{"prompt": r.prompt, "response": out, "reference": r.reference}
                               for r, out in zip(rows, responses)]

@@ -74,8 +74,7 @@ def generate_file(model_path: str, prompts_path: str, output: str | None, option
     """Generate a response for every prompt row; write JSONL {prompt, response} to `output` or stdout."""
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
     rows = prompt_rows(prompts_path, tokenizer)
-    kwargs = {k: v for k, v in asdict(options).items()}
-    responses = generate(model, tokenizer, [r.prompt for r in rows], **kwargs)
+    responses = generate(model, tokenizer, [r.prompt for r in rows], **asdict(options))
     lines = "".join(json.dumps({"prompt": r.prompt, "response": text}) + "\n" for r, text in zip(rows, responses))
     write_output(lines, output)
     return len(rows)

@@ -9,6 +9,24 @@ import torch
 from torch import nn
 
 
+def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts tokenized and left-padded, so that every row's new tokens start at the same position."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+
+
+def decoding_options(temperature: float, top_k: int | None, top_p: float | None, num_beams: int = 1) -> dict:
+    """`generate` keyword arguments: greedy (or beam search) at temperature 0, sampling otherwise."""
+    if temperature <= 0:
+        return {"do_sample": False, "num_beams": num_beams}
+    return {"do_sample": True, "num_beams": num_beams, "temperature": temperature, "top_k": top_k or 0,
+            "top_p": top_p or 1.0}
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, min_new_tokens: int = 0,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
@@ -25,23 +43,17 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    options = {"do_sample": False, "num_beams": num_beams}
-    if temperature > 0:
-        options = {"do_sample": True, "num_beams": num_beams, "temperature": temperature, "top_k": top_k or 0,
-                   "top_p": top_p or 1.0}
+    options = decoding_options(temperature, top_k, top_p, num_beams)
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            encoded = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            encoded = left_padded(tokenizer, prompts[start:start + batch_size], device)
             new = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, streamer=streamer,
                                  **options)[:, encoded["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return outputs
 
@@ -97,15 +109,8 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
-    sampling = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    encoded = left_padded(tokenizer, prompts, device)
+    sampling = decoding_options(temperature, top_k, top_p)
     try:
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                 repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,

@@ -32,9 +32,7 @@ from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
-from tunelab.data.formats import Example
-from tunelab.data.templates import render_example
-from tunelab.evaluate import bleu, kl_to_reference, markdown_table, win_rate
+from tunelab.evaluate import bleu, kl_to_reference, markdown_table, render_completions, win_rate
 from tunelab.modeling import load_for_inference, merge_adapter
 from tunelab.report import write_report
 from tunelab.rewards import RewardScorer
@@ -135,8 +133,7 @@ def evaluation_table(models: dict[str, Path], sft: Path, reward_model: Path, jud
     for name, path in models.items():
         scores = sft_scores if name == "sft" else scorer.score(prompts, responses[name])
         model, _ = load_for_inference(str(path))
-        rendered = [render_example(Example("prompt_completion", "", prompt=p, completion=r), tokenizer)
-                    for p, r in zip(prompts, responses[name])]
+        rendered = render_completions(prompts, responses[name], tokenizer)
         table[name] = {
             "positive_share": positive_share(responses[name]),
             "reward_mean": sum(scores) / len(scores),
