@@ -104,6 +104,21 @@ def eval_batches(items: list, lengths: list[int], batch_size: int, collate: Call
     return [collate(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
 
+def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module, step_fn,
+                 collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
+                 quiet: bool):
+    """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches."""
+    from tunelab.loop import train
+
+    data, rows = prepared.data, prepared.data.train
+    return train(module=module, step_fn=step_fn, plan=batch_plan(data, [length(r) for r in rows], config),
+                 collate=lambda ix: collate([rows[i] for i in ix]),
+                 eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
+                                           config.train.batch_size, collate),
+                 config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
+                 desc=desc)
+
+
 def write_final(run: RunDir, model, tokenizer) -> Path:
     """Save the trained model (or adapter) and tokenizer to final/, atomically."""
     from accelerate import PartialState

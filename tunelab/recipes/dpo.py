@@ -23,10 +23,10 @@ from tunelab.config import DPOConfig, ModelConfig
 from tunelab.data.dataset import TokenizedData
 from tunelab.data.preference import PolicyPair, prepare_policy_pairs
 from tunelab.logprobs import LogprobModel, token_logprobs
-from tunelab.loop import TrainResult, to_device, train
+from tunelab.loop import TrainResult, to_device
 from tunelab.losses import dpo_loss
 from tunelab.modeling import adapter_disabled, load_causal_lm
-from tunelab.recipes.common import batch_plan, collate_rendered, eval_batches, log, prepare_recipe, write_final
+from tunelab.recipes.common import collate_rendered, log, prepare_recipe, train_recipe, write_final
 
 RefFn = Callable[[dict], torch.Tensor]
 
@@ -130,21 +130,12 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
         source = f"precomputed ({source}), then freed"
     log(f"reference: {source}")
 
-    def collate(pairs):
-        return collate_policy_pairs(pairs, tokenizer.pad_token_id)
-
-    def lengths(pairs):
-        return [len(p.chosen.ids) + len(p.rejected.ids) for p in pairs]
-
-    pairs = data.train
     if ref_model is not None:
         ref_model.to(device)
-    result = train(module=LogprobModel(policy, chunk), step_fn=dpo_step(config, reference),
-                   plan=batch_plan(data, lengths(pairs), config),
-                   collate=lambda ix: collate([pairs[i] for i in ix]),
-                   eval_batches=eval_batches(data.held_out, lengths(data.held_out), config.train.batch_size, collate),
-                   config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
-                   desc="dpo")
+    result = train_recipe(prepared, config, module=LogprobModel(policy, chunk), step_fn=dpo_step(config, reference),
+                          collate=lambda pairs: collate_policy_pairs(pairs, tokenizer.pad_token_id),
+                          length=lambda pair: len(pair.chosen.ids) + len(pair.rejected.ids), desc="dpo",
+                          resume=resume, quiet=quiet)
     final = write_final(prepared.run, policy, tokenizer)
     held = result.eval_metrics
     log(f"dpo done: {result.steps} steps in {result.seconds:.1f}s"

@@ -16,10 +16,10 @@ from tunelab.config import RMConfig
 from tunelab.data.batching import pad_batch
 from tunelab.data.dataset import TokenizedData
 from tunelab.data.preference import ScoredPair, prepare_preference_data
-from tunelab.loop import TrainResult, train
+from tunelab.loop import TrainResult
 from tunelab.losses import bradley_terry_loss
 from tunelab.modeling import load_reward_model
-from tunelab.recipes.common import batch_plan, eval_batches, log, prepare_recipe, write_final
+from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.rewards import RewardModule
 
 
@@ -62,19 +62,11 @@ def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False, q
                                                   config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
 
-    def collate(pairs):
-        return collate_pairs(pairs, tokenizer.pad_token_id)
-
-    def lengths(pairs):
-        return [max(len(p.chosen), len(p.rejected)) for p in pairs]
-
-    pairs = data.train
-    result = train(module=RewardModule(model), step_fn=reward_step(config.reward.center_coef, config.reward.use_margin),
-                   plan=batch_plan(data, lengths(pairs), config),
-                   collate=lambda ix: collate([pairs[i] for i in ix]),
-                   eval_batches=eval_batches(data.held_out, lengths(data.held_out), config.train.batch_size, collate),
-                   config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
-                   desc="rm")
+    result = train_recipe(prepared, config, module=RewardModule(model),
+                          step_fn=reward_step(config.reward.center_coef, config.reward.use_margin),
+                          collate=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id),
+                          length=lambda pair: max(len(pair.chosen), len(pair.rejected)), desc="rm", resume=resume,
+                          quiet=quiet)
     final = write_final(prepared.run, model, tokenizer)
     held = result.eval_metrics
     log(f"rm done: {result.steps} steps in {result.seconds:.1f}s"

@@ -15,10 +15,10 @@ from tunelab.config import SFTConfig
 from tunelab.data.dataset import TokenizedData, prepare_sft_data
 from tunelab.data.templates import resolve_chat_template
 from tunelab.logprobs import LogprobModel
-from tunelab.loop import TrainResult, train
+from tunelab.loop import TrainResult
 from tunelab.losses import sft_loss
 from tunelab.modeling import load_causal_lm
-from tunelab.recipes.common import batch_plan, collate_rendered, eval_batches, log, prepare_recipe, write_final
+from tunelab.recipes.common import collate_rendered, log, prepare_recipe, train_recipe, write_final
 
 
 @dataclass
@@ -46,17 +46,9 @@ def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     if template:
         tokenizer.chat_template = template  # final/ generates with the template it was trained on
 
-    def collate(rows):
-        return collate_rendered(rows, tokenizer.pad_token_id)
-
-    rows = data.train
-    result = train(module=LogprobModel(model, config.train.logprob_chunk), step_fn=sft_step,
-                   plan=batch_plan(data, [len(r.ids) for r in rows], config),
-                   collate=lambda ix: collate([rows[i] for i in ix]),
-                   eval_batches=eval_batches(data.held_out, [len(r.ids) for r in data.held_out],
-                                             config.train.batch_size, collate),
-                   config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
-                   desc="sft")
+    result = train_recipe(prepared, config, module=LogprobModel(model, config.train.logprob_chunk),
+                          step_fn=sft_step, collate=lambda rows: collate_rendered(rows, tokenizer.pad_token_id),
+                          length=lambda row: len(row.ids), desc="sft", resume=resume, quiet=quiet)
     final = write_final(prepared.run, model, tokenizer)
     eval_loss = result.eval_metrics.get("loss")
     log(f"sft done: {result.steps} steps in {result.seconds:.1f}s, last train loss {result.train_loss:.4f}"
