@@ -332,3 +332,22 @@ def test_cli_help_lists_config_keys(capsys):
     assert "config keys (set them in --config YAML or as key=value" in out
     assert "LoRA rank [default: 8]" in out
     assert "data.max_length" in out
+
+
+def test_overrides_may_sit_between_flags():
+    from tunelab.cli import _parse, build_parser
+
+    args = _parse(build_parser(), ["sft", "--model", "m", "train.log_every=5", "--lr", "1e-3", "train.precision=bf16",
+                                   "--epochs", "2", "lora.r=4"])
+    assert args.overrides == ["train.log_every=5", "train.precision=bf16", "lora.r=4"]
+    assert args.lr == 1e-3 and args.epochs == 2.0
+
+
+def test_unknown_flag_is_still_rejected(capsys):
+    from tunelab.cli import _parse, build_parser
+
+    with pytest.raises(SystemExit):
+        _parse(build_parser(), ["sft", "--model", "m", "a=1", "--lr-max", "1", "b=2"])
+    assert "unrecognized arguments: --lr-max 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides takes none
+        _parse(build_parser(), ["merge", "run", "--output", "o", "a=1"])

@@ -339,6 +339,22 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse argv, letting key=value overrides come before, between or after the flags.
+
+    argparse collects a trailing positional list only in one run, so `--lr 1e-3 a=1 --epochs 2 b=2` would leave
+    `b=2` unrecognised; such leftovers are overrides for commands that take them.
+    """
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # reports the unrecognised arguments the usual way and exits
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunelab` command; returns the exit status."""
     from tunelab.checkpoint import RunDirError
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.modeling import ModelLoadError
     from tunelab.rewards import RewardSourceError
 
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _quiet_libraries()
     try:
         return args.func(args)
