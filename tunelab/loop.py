@@ -121,6 +121,11 @@ def _append_metrics(run: RunDir, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _micro_batches(collated: Batch | list[Batch]) -> list[Batch]:
+    """A collate function may split a batch into micro-batches (a list); the loop accumulates over them."""
+    return collated if isinstance(collated, list) else [collated]
+
+
 def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
           collate: Callable[[list[int]], Batch], eval_batches: list[Batch], config: TrainConfig, lr: float,
           run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train") -> TrainResult:
@@ -188,7 +193,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
             batches = plan(epoch)
             while len(batches) - position >= world and step < total:
                 consumed = batches[position:position + span]
-                group = [to_device(collate(ix), device) for ix in consumed[accelerator.process_index::world]]
+                group = [to_device(piece, device) for ix in consumed[accelerator.process_index::world]
+                         for piece in _micro_batches(collate(ix))]
                 n_items = sum(b["n_items"] for b in group) or 1
                 step_loss, sums = 0.0, {}
                 for i, batch in enumerate(group):
@@ -204,8 +210,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                                 "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
                         accelerator.backward(loss_sum / n_items)
                     step_loss += float(loss_sum.detach()) / n_items
-                    for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value / len(group)
+                    for key, value in metrics.items():  # per-item means, weighted by the micro-batch's items
+                        sums[key] = sums.get(key, 0.0) + value * batch["n_items"] / n_items
                 grad_norm = None
                 if config.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))

@@ -104,6 +104,24 @@ def eval_batches(items: list, lengths: list[int], batch_size: int, collate: Call
     return [collate(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
 
+def split_by_tokens(indices: list[int], lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Split one batch into micro-batches whose padded size (rows x longest row) stays within `budget`.
+
+    Rows are taken shortest first, so each micro-batch pads only to its own longest row; a row longer than
+    the budget gets a micro-batch of its own. The loop sums the micro-batches' losses and divides by the
+    batch's total `n_items`, so the gradient equals the unsplit batch's.
+    """
+    if not budget:
+        return [indices]
+    pieces, current = [], []
+    for i in sorted(indices, key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * lengths[i] > budget:
+            pieces.append(current)
+            current = []
+        current.append(i)
+    return pieces + [current] if current else pieces
+
+
 def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module, step_fn,
                  collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
                  quiet: bool):
@@ -111,8 +129,10 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
     from tunelab.loop import train
 
     data, rows = prepared.data, prepared.data.train
-    return train(module=module, step_fn=step_fn, plan=batch_plan(data, [length(r) for r in rows], config),
-                 collate=lambda ix: collate([rows[i] for i in ix]),
+    lengths = [length(r) for r in rows]
+    budget = config.train.micro_batch_tokens
+    return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config),
+                 collate=lambda ix: [collate([rows[i] for i in piece]) for piece in split_by_tokens(ix, lengths, budget)],
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
                                            config.train.batch_size, collate),
                  config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,

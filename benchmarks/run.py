@@ -1,0 +1,169 @@
+"""tunelab against TRL on the same machine, in one run: throughput, real tokens/s, peak memory and MFU.
+
+    python benchmarks/run.py [--quick] [--workloads sft,rm,dpo,ppo] [--threads 2]
+
+Builds the deterministic world (world.py: a ~58M-parameter random Llama with a 32,000-token vocabulary and
+log-normal prompt/completion lengths in [4, 200] tokens), measures this machine's fp32 matrix-multiply
+rate, then runs every workload for one epoch with tunelab and with TRL in turn, each in a fresh process
+(worker.py) with the same examples, effective batch (8), learning rate, precision (fp32) and thread
+count. SFT, reward modeling and DPO run against TRL 1.16 (--trl-python); PPO against TRL 1.12's
+PPOTrainer (--trl-ppo-python), the last release that has one. benchmarks/setup.sh makes both
+environments. Prints a Markdown table and writes it, with the raw figures, to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import world as world_module  # noqa: E402
+
+WORKLOADS = ("sft", "rm", "dpo", "ppo")
+TARGETS = {"sft": (2.5, 0.6), "rm": (2.0, 0.6), "dpo": (3.0, 0.5), "ppo": (2.0, 0.6)}
+UNITS = {"sft": "examples", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
+
+
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 20) -> float:
+    """fp32 FLOP/s of an n x n x n matrix product on `threads` threads (best of `repeats`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def workload_tokens(workload: str, paths: dict, response_length: int) -> tuple[int, int]:
+    """(examples, real tokens) one epoch trains on; the same count for both tools (EOS included)."""
+    rows = world_module.token_counts(paths[workload])
+    if workload == "sft":
+        return len(rows), sum(r["prompt"] + r["completion"] + 1 for r in rows)
+    if workload in ("rm", "dpo"):
+        return len(rows), sum(2 * r["prompt"] + r["chosen"] + r["rejected"] + 2 for r in rows)
+    return len(rows), sum(r["prompt"] + response_length for r in rows)
+
+
+def trained_parameters(paths: dict) -> int:
+    """Parameters that take part in matrix products: all but the input embedding table."""
+    info = json.loads((Path(paths["policy"]).parent / "world.json").read_text())
+    size = info["size"]
+    return info["parameters"] - size["vocab"] * size["hidden"]
+
+
+def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: int, log_dir: Path) -> dict:
+    result = log_dir / f"{workload}-{tool}.json"
+    log = log_dir / f"{workload}-{tool}.log"
+    env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONWARNINGS="ignore")
+    started = time.time()
+    with open(log, "w") as handle:
+        proc = subprocess.run([python, str(HERE / "worker.py"), tool, workload, str(world_dir), str(result)],
+                              stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise SystemExit(f"{tool} {workload} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    figures = json.loads(result.read_text())
+    print(f"  {tool:8s} {workload:4s} {figures['seconds']:7.1f} s  peak {figures['peak_rss_mib']:7.0f} MiB "
+          f"(process {time.time() - started:.0f} s)", flush=True)
+    return figures
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def table(rows: list[dict], rate: float, threads: int) -> str:
+    lines = [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
+             "tokens/s / that rate (parameters without the input embedding table; not defined for PPO, whose "
+             "tokens are generated and trained on several times)", "",
+             "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | throughput vs TRL | "
+             "memory vs TRL | target (throughput / memory) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for tool in ("tunelab", "trl"):
+            fig = row[tool]
+            ratio = row["speedup"] if tool == "tunelab" else 1.0
+            memory = row["memory_ratio"] if tool == "tunelab" else 1.0
+            target = TARGETS[row["workload"]]
+            met = (f">= {target[0]}x {'met' if ratio >= target[0] else 'MISSED'} / <= {target[1]}x "
+                   f"{'met' if memory <= target[1] else 'MISSED'}") if tool == "tunelab" else ""
+            mfu = f"{fig['mfu']:.1%}" if fig.get("mfu") is not None else "n/a"
+            lines.append(f"| {row['workload']} ({UNITS[row['workload']]}) | {tool} {fig['version']} | "
+                         f"{_fmt(fig['examples_per_s'])} | {_fmt(fig['tokens_per_s'], 0)} | "
+                         f"{_fmt(fig['peak_rss_mib'], 0)} | {mfu} | {ratio:.2f}x | {memory:.2f}x | {met} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small data (finishes in under 5 minutes on 2 cores)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of sft,rm,dpo,ppo")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every run (default 2)")
+    parser.add_argument("--trl-python", default=str(HERE / ".venv-trl" / "bin" / "python"),
+                        help="Python with trl==1.16.0 (default benchmarks/.venv-trl, made by setup.sh)")
+    parser.add_argument("--trl-ppo-python", default=str(HERE / ".venv-trl-ppo" / "bin" / "python"),
+                        help="Python with trl==1.12.0 (default benchmarks/.venv-trl-ppo, made by setup.sh)")
+    parser.add_argument("--world", default=str(HERE / ".world"), help="directory for the generated world")
+    parser.add_argument("--output", default=str(HERE / "results"), help="directory for logs and results")
+    args = parser.parse_args()
+
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    for name, python in (("--trl-python", args.trl_python), ("--trl-ppo-python", args.trl_ppo_python)):
+        needed = "ppo" in workloads if name == "--trl-ppo-python" else bool(set(workloads) - {"ppo"})
+        if needed and not Path(python).exists():
+            parser.error(f"{name} {python} does not exist; run benchmarks/setup.sh first or pass {name}")
+
+    size = world_module.QUICK if args.quick else world_module.FULL
+    world_dir = Path(args.world) / ("quick" if args.quick else "full")
+    print(f"world: {world_dir} ({'quick' if args.quick else 'full'} size)", flush=True)
+    paths = world_module.build(world_dir, size)
+    (world_dir / "paths.json").write_text(json.dumps(paths))
+    out = Path(args.output) / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+
+    rate = matmul_rate(args.threads)
+    parameters = trained_parameters(paths)
+    print(f"matmul: {rate / 1e9:.1f} GFLOP/s fp32 on {args.threads} threads; {parameters / 1e6:.1f}M parameters "
+          "in matrix products", flush=True)
+    rows = []
+    for workload in workloads:
+        examples, tokens = workload_tokens(workload, paths, response_length=64)
+        row = {"workload": workload, "examples": examples, "tokens": tokens}
+        for tool in ("tunelab", "trl"):
+            python = sys.executable if tool == "tunelab" else (
+                args.trl_ppo_python if workload == "ppo" else args.trl_python)
+            fig = run_worker(python, tool, workload, world_dir, args.threads, out)
+            fig["examples_per_s"] = examples / fig["seconds"]
+            fig["tokens_per_s"] = tokens / fig["seconds"]
+            fig["mfu"] = None if workload == "ppo" else 6 * parameters * fig["tokens_per_s"] / rate
+            row[tool] = fig
+        row["speedup"] = row["tunelab"]["examples_per_s"] / row["trl"]["examples_per_s"]
+        row["memory_ratio"] = row["tunelab"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]
+        rows.append(row)
+    text = table(rows, rate, args.threads)
+    print("\n" + text)
+    (out / "results.json").write_text(json.dumps({"matmul_flops": rate, "parameters": parameters, "rows": rows},
+                                                 indent=1))
+    (out / "results.md").write_text(text + "\n")
+    print(f"\nresults: {out / 'results.md'} (raw: results.json, logs: *.log)")
+
+
+if __name__ == "__main__":
+    main()

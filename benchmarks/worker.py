@@ -1,0 +1,141 @@
+"""One benchmark workload with one tool, in its own process: `python worker.py TOOL WORKLOAD WORLD_DIR OUT_JSON`.
+
+TOOL is tunelab or trl, WORKLOAD is sft, rm, dpo or ppo. The timed span starts after the imports and ends
+after the trained model is written: model loading, tokenization, the training epoch and the final save,
+for both tools alike. Peak RSS is the whole process's (ru_maxrss). run.py starts this script once per
+(tool, workload), each in a fresh process, with the same thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# shared settings: same for both tools
+BATCH = 8
+LR = {"sft": 1e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6}
+MAX_LENGTH = 512
+BETA = 0.1
+PPO_EPOCHS = 4
+RESPONSE_LENGTH = 64
+TEMPERATURE = 0.7
+
+
+def run_tunelab(workload: str, world: dict, out: str) -> None:
+    from tunelab.cli import main
+
+    common = ["--output", out, "--epochs", "1", "--batch-size", str(BATCH), "--lr", str(LR[workload]), "--peft",
+              "none", "--quiet", "train.schedule=linear", "train.warmup_ratio=0", "data.eval_fraction=0",
+              f"data.max_length={MAX_LENGTH}", "train.report=false", "train.log_every=1000"]
+    if workload == "sft":
+        argv = ["sft", "--model", world["policy"], "--data", world["sft"]]
+    elif workload == "rm":
+        argv = ["rm", "--model", world["policy"], "--data", world["rm"]]
+    elif workload == "dpo":
+        argv = ["dpo", "--model", world["policy"], "--data", world["dpo"], f"dpo.beta={BETA}"]
+    else:
+        common.remove("--epochs"), common.remove("1")
+        prompts = sum(1 for _ in open(world["ppo"]))
+        argv = ["ppo", "--model", world["policy"], "--data", world["ppo"], "--reward", world["reward"],
+                "--max-steps", str(prompts // BATCH), f"ppo.epochs={PPO_EPOCHS}", f"ppo.minibatch_size={BATCH}",
+                f"generation.max_new_tokens={RESPONSE_LENGTH}", f"generation.min_new_tokens={RESPONSE_LENGTH}",
+                f"generation.temperature={TEMPERATURE}", "ppo.sample_every=0", "reward.batch_size=8"]
+    status = main(argv + common)
+    if status != 0:
+        raise SystemExit(f"tunelab {workload} exited with status {status}")
+
+
+def _trl_common(workload: str, out: str) -> dict:
+    return dict(output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                learning_rate=LR[workload], num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=0,
+                bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000,
+                disable_tqdm=True, seed=0, dataloader_num_workers=0)
+
+
+def run_trl(workload: str, world: dict, out: str) -> None:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"])
+    if workload == "ppo":
+        _run_trl_ppo(world, out, tokenizer)
+        return
+    data = load_dataset("json", data_files=world[workload], split="train")
+    if workload == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(world["policy"])
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data,
+                             args=SFTConfig(max_length=MAX_LENGTH, **_trl_common(workload, out)))
+    elif workload == "rm":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(world["policy"], num_labels=1)
+        trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=data,
+                                args=RewardConfig(max_length=MAX_LENGTH, **_trl_common(workload, out)))
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(world["policy"])
+        trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=data,
+                             args=DPOConfig(max_length=MAX_LENGTH, beta=BETA, **_trl_common(workload, out)))
+    trainer.train()
+    trainer.save_model(out)
+
+
+def _run_trl_ppo(world: dict, out: str, tokenizer) -> None:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    prompts = load_dataset("json", data_files=world["ppo"], split="train")
+    prompts = prompts.map(lambda row: {"input_ids": tokenizer(row["prompt"])["input_ids"]},
+                          remove_columns=prompts.column_names)
+    policy = AutoModelForCausalLM.from_pretrained(world["policy"])
+    ref_policy = AutoModelForCausalLM.from_pretrained(world["policy"])
+    reward_model = AutoModelForSequenceClassification.from_pretrained(world["reward"], num_labels=1)
+    value_model = AutoModelForSequenceClassification.from_pretrained(world["reward"], num_labels=1)
+    args = PPOConfig(num_ppo_epochs=PPO_EPOCHS, num_mini_batches=1, response_length=RESPONSE_LENGTH,
+                     temperature=TEMPERATURE, total_episodes=len(prompts), local_rollout_forward_batch_size=BATCH,
+                     num_sample_generations=0, stop_token=None, **_trl_common("ppo", out))
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref_policy,
+                         reward_model=reward_model, value_model=value_model, train_dataset=prompts)
+    trainer.train()
+    trainer.save_model(out)
+
+
+def main() -> None:
+    tool, workload, world_dir, result = sys.argv[1:5]
+    import torch
+
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
+    world = json.loads((Path(world_dir) / "paths.json").read_text())
+    import transformers  # noqa: F401  (imports are outside the timed span)
+
+    if tool == "trl":
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    else:
+        import tunelab.cli  # noqa: F401
+    with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-{workload}-") as tmp:
+        out = str(Path(tmp) / "run")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        (run_tunelab if tool == "tunelab" else run_trl)(workload, world, out)
+        seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    version = __import__(tool).__version__ if tool == "trl" else __import__("tunelab").__version__
+    Path(result).write_text(json.dumps({"tool": tool, "workload": workload, "seconds": seconds,
+                                        "peak_rss_mib": peak / 1024, "rss_after_imports_mib": before / 1024,
+                                        "threads": threads, "version": version,
+                                        "torch_threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
