@@ -117,17 +117,23 @@ def main() -> None:
                         help="Python with trl==1.16.0 (default benchmarks/.venv-trl, made by setup.sh)")
     parser.add_argument("--trl-ppo-python", default=str(HERE / ".venv-trl-ppo" / "bin" / "python"),
                         help="Python with trl==1.12.0 (default benchmarks/.venv-trl-ppo, made by setup.sh)")
+    parser.add_argument("--tools", default="tunelab,trl",
+                        help="tools to run (default both); with only tunelab, ratios use TRL's figures from an "
+                        "earlier run in --output, and the table says so")
     parser.add_argument("--world", default=str(HERE / ".world"), help="directory for the generated world")
     parser.add_argument("--output", default=str(HERE / "results"), help="directory for logs and results")
     args = parser.parse_args()
 
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not tools or set(tools) - {"tunelab", "trl"}:
+        parser.error("--tools takes tunelab, trl or both")
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     for name, python in (("--trl-python", args.trl_python), ("--trl-ppo-python", args.trl_ppo_python)):
         needed = "ppo" in workloads if name == "--trl-ppo-python" else bool(set(workloads) - {"ppo"})
-        if needed and not Path(python).exists():
+        if needed and "trl" in tools and not Path(python).exists():
             parser.error(f"{name} {python} does not exist; run benchmarks/setup.sh first or pass {name}")
 
     size = world_module.QUICK if args.quick else world_module.FULL
@@ -147,9 +153,18 @@ def main() -> None:
         examples, tokens = workload_tokens(workload, paths, response_length=64)
         row = {"workload": workload, "examples": examples, "tokens": tokens}
         for tool in ("tunelab", "trl"):
-            python = sys.executable if tool == "tunelab" else (
-                args.trl_ppo_python if workload == "ppo" else args.trl_python)
-            fig = run_worker(python, tool, workload, world_dir, args.threads, out)
+            if tool not in tools:
+                earlier = out / f"{workload}-{tool}.json"
+                if not earlier.exists():
+                    raise SystemExit(f"no earlier {tool} result for {workload} in {out}; run with --tools tunelab,trl")
+                fig = json.loads(earlier.read_text())
+                fig["version"] = f"{fig['version']} (earlier run)"
+                print(f"  {tool:8s} {workload:4s} {fig['seconds']:7.1f} s  peak {fig['peak_rss_mib']:7.0f} MiB "
+                      "(from an earlier run)", flush=True)
+            else:
+                python = sys.executable if tool == "tunelab" else (
+                    args.trl_ppo_python if workload == "ppo" else args.trl_python)
+                fig = run_worker(python, tool, workload, world_dir, args.threads, out)
             fig["examples_per_s"] = examples / fig["seconds"]
             fig["tokens_per_s"] = tokens / fig["seconds"]
             fig["mfu"] = None if workload == "ppo" else 6 * parameters * fig["tokens_per_s"] / rate

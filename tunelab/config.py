@@ -82,7 +82,7 @@ class TrainConfig(Section):
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
     micro_batch_tokens: int | None = Field(
-        2048, ge=1, description="split each batch into micro-batches of at most this many padded tokens (rows x "
+        1024, ge=1, description="split each batch into micro-batches of at most this many padded tokens (rows x "
         "longest row); the gradient is the same, with less padding and memory (null: off)")
     log_every: int = Field(10, ge=1, description="write metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")

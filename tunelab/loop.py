@@ -121,6 +121,18 @@ def _append_metrics(run: RunDir, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def build_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW; fused into one kernel on CPU and CUDA (about 5x faster on CPU than the per-tensor loop, no
+    temporaries), the same update up to float rounding."""
+    if fused is None:
+        fused = device.type in ("cpu", "cuda") and all(p.dtype in FUSED_DTYPES for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _micro_batches(collated: Batch | list[Batch]) -> list[Batch]:
     """A collate function may split a batch into micro-batches (a list); the loop accumulates over them."""
     return collated if isinstance(collated, list) else [collated]
@@ -143,7 +155,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters (check the peft settings)")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(params, lr, config.weight_decay, device)
     # each optimizer step consumes grad_accum micro-batches per process; a tail too short to give
     # every process a batch ends the epoch (a process without a batch would stall the others)
     world = accelerator.num_processes

@@ -54,10 +54,42 @@ def test_three_reference_modes_give_the_same_losses(tiny_dir, tmp_path):
     assert runs["precomputed"] == pytest.approx(runs["adapter"], abs=1e-5)
 
 
-def test_full_finetuning_reference_is_frozen(tiny_dir, tmp_path, monkeypatch):
+def test_full_finetuning_reference_is_the_starting_weights_without_a_copy(tiny_dir, tmp_path, monkeypatch):
+    """peft=none, same ref: reference log-probs come from the policy before its first update; no copy loads."""
+    import tunelab.recipes.dpo as dpo_module
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(24))
+    loads = []
+    real_load = dpo_module.load_causal_lm
+    monkeypatch.setattr(dpo_module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    seen = {}
+    real_pre = dpo_module.precompute_reference
+
+    def spy(pairs, *args):
+        real_pre(pairs, *args)
+        seen["pairs"] = pairs
+    monkeypatch.setattr(dpo_module, "precompute_reference", spy)
+    result = run_dpo(dpo_config(tiny_dir, data, tmp_path / "run", peft="none", max_steps=3, lr=1e-3), quiet=True)
+    assert len(loads) == 1  # the policy only
+    assert result.reference.startswith("precomputed from the starting weights")
+    # the stored reference equals the untouched starting model's log-probs
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    pairs = seen["pairs"][:4]
+    batch = dpo_module.collate_policy_pairs(pairs, 0)
+    with torch.no_grad():
+        expected = dpo_module.sequence_logprobs(start, batch, 2048)
+    assert torch.allclose(batch["ref_logps"], expected, atol=1e-4)
+    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(trained[n], p) for n, p in start.state_dict().items() if n in trained)
+
+
+def test_full_finetuning_against_another_reference_keeps_it_frozen(tiny_dir, tmp_path, monkeypatch):
     import tunelab.recipes.dpo as dpo_module
 
     data = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(24))
+    link = tmp_path / "other-name"
+    link.symlink_to(tiny_dir)
     seen = {}
     real = dpo_module.reference_fn
 
@@ -67,14 +99,15 @@ def test_full_finetuning_reference_is_frozen(tiny_dir, tmp_path, monkeypatch):
         return real(policy, ref_model, chunk)
 
     monkeypatch.setattr(dpo_module, "reference_fn", spy)
-    run_dpo(dpo_config(tiny_dir, data, tmp_path / "run", peft="none", max_steps=3, lr=1e-3), quiet=True)
+    config = dpo_config(tiny_dir, data, tmp_path / "run", peft="none", max_steps=3, lr=1e-3)
+    config.ref = str(link)
+    result = run_dpo(config, quiet=True)
+    assert result.reference.startswith("frozen copy")
     ref, policy = seen["ref"], seen["policy"]
     assert ref is not policy
     for name, param in ref.named_parameters():
         assert not param.requires_grad and param.grad is None, name
         assert torch.equal(param.cpu(), seen["before"][name].cpu()), name
-    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
-    assert any(not torch.equal(trained[n], seen["before"][n].cpu()) for n in trained)
 
 
 def test_lora_reference_base_weights_never_change(tiny_dir, tmp_path):

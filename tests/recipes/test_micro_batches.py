@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.helpers import instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
 from tests.recipes.test_dpo import dpo_config
@@ -61,3 +62,24 @@ def test_micro_batches_give_the_same_losses_as_whole_batches(recipe, tiny_dir, t
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), key
     assert whole[-1]["loss"] != pytest.approx(whole[0]["loss"], abs=1e-3)  # the weights did move
+
+
+def test_fused_adamw_follows_the_per_tensor_update(tiny_dir, tmp_path, monkeypatch):
+    import tunelab.loop as loop
+
+    data = write_jsonl(tmp_path / "rows.jsonl", instruction_rows(40))
+    real = loop.build_optimizer
+    records, kinds = {}, {}
+    for fused in (False, True):
+        def build(params, lr, weight_decay, device, fused=fused):
+            optimizer = real(params, lr, weight_decay, device, fused=fused)
+            kinds[fused] = optimizer.defaults["fused"]
+            return optimizer
+        monkeypatch.setattr(loop, "build_optimizer", build)
+        run_sft(sft_config(tiny_dir, data, tmp_path / f"fused-{fused}", peft="none", max_steps=5, lr=1e-3), quiet=True)
+        records[fused] = [r["loss"] for r in train_records(tmp_path / f"fused-{fused}")]
+    assert kinds == {False: None, True: True}
+    assert records[True] == pytest.approx(records[False], abs=1e-4)
+    assert records[True][-1] < records[True][0]
+    default = real([torch.nn.Parameter(torch.zeros(3))], 1e-3, 0.0, torch.device("cpu"))
+    assert default.defaults["fused"] is True  # what training uses on a CPU

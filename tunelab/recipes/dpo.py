@@ -26,7 +26,7 @@ from tunelab.logprobs import LogprobModel, token_logprobs
 from tunelab.loop import TrainResult, to_device
 from tunelab.losses import dpo_loss
 from tunelab.modeling import adapter_disabled, load_causal_lm
-from tunelab.recipes.common import collate_rendered, log, prepare_recipe, train_recipe, write_final
+from tunelab.recipes.common import collate_rendered, log, prepare_recipe, split_by_tokens, train_recipe, write_final
 
 RefFn = Callable[[dict], torch.Tensor]
 
@@ -91,14 +91,24 @@ def dpo_step(config: DPOConfig, reference: RefFn | None):
     return step
 
 
+def pair_length(pair: PolicyPair) -> int:
+    return len(pair.chosen.ids) + len(pair.rejected.ids)
+
+
 def precompute_reference(pairs: list[PolicyPair], reference: RefFn, pad_id: int, batch_size: int,
-                         device: torch.device) -> None:
-    """Store reference log-probs on every pair, so the reference model is needed only once."""
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ref = reference(to_device(collate_policy_pairs(chunk, pad_id), device)).tolist()
-        for pair, chosen, rejected in zip(chunk, ref[:len(chunk)], ref[len(chunk):]):
-            pair.ref_chosen, pair.ref_rejected = chosen, rejected
+                         budget: int | None, device: torch.device) -> None:
+    """Store reference log-probs on every pair, so the reference model is needed only once.
+
+    Pairs go shortest first, `batch_size` at a time, split further to stay within `budget` padded tokens.
+    """
+    lengths = [pair_length(p) for p in pairs]
+    ordered = sorted(range(len(pairs)), key=lambda i: lengths[i])
+    for start in range(0, len(ordered), batch_size):
+        for piece in split_by_tokens(ordered[start:start + batch_size], lengths, budget):
+            chunk = [pairs[i] for i in piece]
+            ref = reference(to_device(collate_policy_pairs(chunk, pad_id), device)).tolist()
+            for pair, chosen, rejected in zip(chunk, ref[:len(chunk)], ref[len(chunk):]):
+                pair.ref_chosen, pair.ref_rejected = chosen, rejected
 
 
 def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> DPOResult:
@@ -108,33 +118,38 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
     chunk = config.train.logprob_chunk
-    separate_ref = config.peft == "none" or (config.ref is not None and config.ref != config.model.name_or_path)
+    same_weights = config.ref is None or config.ref == config.model.name_or_path
+    # full fine-tuning from the reference's own weights: the policy before its first update is the
+    # reference, so its log-probs are computed up front and no second copy is ever loaded
+    from_start = config.peft == "none" and same_weights
+    separate_ref = not from_start and (config.peft == "none" or not same_weights)
     ref_model = None
     if separate_ref:
         ref_path = config.ref or config.model.name_or_path
         ref_model = load_causal_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
                                                trust_remote_code=config.model.trust_remote_code))
         ref_model.requires_grad_(False).eval()
-    reference = reference_fn(policy, ref_model, chunk)
+    reference = reference_fn(policy, policy if from_start else ref_model, chunk)
     source = f"frozen copy of {config.ref or config.model.name_or_path}" if separate_ref else "adapter disabled"
 
     device = PartialState().device
-    if config.dpo.precompute_ref:
+    if config.dpo.precompute_ref or from_start:
         for model in (policy, ref_model):
             if model is not None:
                 model.to(device)
         precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
-                             config.train.batch_size, device)
+                             config.train.batch_size, config.train.micro_batch_tokens, device)
         reference, ref_model = None, None  # freed: every batch now carries its reference log-probs
         gc.collect()
-        source = f"precomputed ({source}), then freed"
+        source = ("precomputed from the starting weights before the first update (no second copy)" if from_start
+                  else f"precomputed ({source}), then freed")
     log(f"reference: {source}")
 
     if ref_model is not None:
         ref_model.to(device)
     result = train_recipe(prepared, config, module=LogprobModel(policy, chunk), step_fn=dpo_step(config, reference),
                           collate=lambda pairs: collate_policy_pairs(pairs, tokenizer.pad_token_id),
-                          length=lambda pair: len(pair.chosen.ids) + len(pair.rejected.ids), desc="dpo",
+                          length=pair_length, desc="dpo",
                           resume=resume, quiet=quiet)
     final = write_final(prepared.run, policy, tokenizer)
     held = result.eval_metrics

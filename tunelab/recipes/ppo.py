@@ -31,7 +31,7 @@ from tunelab.data.dataset import prepare_data
 from tunelab.data.formats import Example
 from tunelab.data.templates import prompt_text
 from tunelab.logprobs import head_logprobs, hidden_states, token_logprobs, trunk_and_head
-from tunelab.loop import Progress, TrainingError, lr_factor
+from tunelab.loop import Progress, TrainingError, build_optimizer, lr_factor
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
 from tunelab.modeling import adapter_disabled, load_causal_lm
@@ -177,7 +177,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     total_updates = iterations * ppo.epochs * minibatches
     accelerator = Accelerator()
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(), weight_decay=train.weight_decay)
+    optimizer = build_optimizer(params, config.resolved_lr(), train.weight_decay, accelerator.device)
     warmup = math.ceil(train.warmup_ratio * total_updates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_updates, train.schedule))
