@@ -155,3 +155,18 @@ def test_separate_critic_from_a_reward_model(tiny_dir, prompts, tmp_path, capsys
     assert any(k.startswith("critic.") and "score" in k for k in saved)  # the critic's head trains in full
     assert any(k.startswith("critic.") and "lora_" in k for k in saved)  # and its body through its own adapter
     assert not any(k.startswith("value_head") for k in saved)
+
+
+def test_micro_batches_give_the_same_ppo_updates(tiny_dir, tmp_path):
+    """Rows split into trimmed micro-batches (train.micro_batch_tokens) reproduce the one-pass statistics."""
+    rows = [{"prompt": "Write a review of " + "the long film " * (i % 5) * 3 + f"number {i}.\n"} for i in range(32)]
+    prompts = write_jsonl(tmp_path / "varied.jsonl", rows)
+    history = {}
+    for name, budget in (("whole", None), ("split", 24)):
+        config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=2, train__micro_batch_tokens=budget)
+        history[name] = run_ppo(config, quiet=True).history
+    keys = ("score_mean", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
+    for whole, split in zip(history["whole"], history["split"]):
+        for key in keys:
+            assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key
+    assert history["whole"][0]["approx_kl"] > 0  # the policy moved within the iteration

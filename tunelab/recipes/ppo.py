@@ -14,6 +14,7 @@ copy of the base weights serves all three roles. With full fine-tuning the refer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,7 +36,7 @@ from tunelab.loop import Progress, TrainingError, build_optimizer, lr_factor
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
 from tunelab.modeling import adapter_disabled, load_causal_lm
-from tunelab.recipes.common import batch_plan, log, prepare_recipe, write_final
+from tunelab.recipes.common import batch_plan, log, prepare_recipe, split_by_tokens, write_final
 from tunelab.report import report_at_end
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
@@ -265,15 +266,43 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     return PPOResult(run.path, final, iteration, history)
 
 
+def row_pieces(attention_mask: torch.Tensor, rows: torch.Tensor, budget: int | None
+               ) -> list[tuple[torch.Tensor, slice]]:
+    """Split `rows` of a rollout into micro-batches of at most `budget` padded tokens.
+
+    Each piece is (its rows, the columns they use): rows of similar length go together and the columns
+    that are padding in every row of the piece are cut, so a piece of short prompts no longer carries the
+    left padding of the batch's longest one. Positions are counted over real tokens, so cutting padding
+    columns changes nothing for the real ones.
+    """
+    lengths = attention_mask.sum(1).tolist()
+    pieces = []
+    for group in split_by_tokens(rows.tolist(), lengths, budget):
+        index = torch.tensor(group, device=attention_mask.device)
+        used = attention_mask[index].any(0).nonzero().flatten().tolist()
+        pieces.append((index, slice(used[0], used[-1] + 1)))
+    return pieces
+
+
+def _take(batch: dict, index: torch.Tensor, columns: slice) -> dict:
+    return {k: v[index][:, columns] for k, v in batch.items()}
+
+
 def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.Module | None, rollout: Rollout,
                     scores: torch.Tensor, kl_coef: float, config: PPOConfig, device: torch.device) -> dict:
     """Old log-probs, values, reference log-probs, KL, per-token rewards, advantages and returns."""
     batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
              "loss_mask": rollout.loss_mask.to(device)}
     mask = batch["loss_mask"].float()
+    old_logprobs, values, ref = (torch.zeros_like(mask) for _ in range(3))
+    rows = torch.arange(mask.shape[0], device=device)
     with torch.no_grad():
-        old_logprobs, values, _ = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        ref = reference_logprobs(raw.policy, ref_model, batch, raw.chunk_size)
+        for index, columns in row_pieces(batch["attention_mask"], rows, config.train.micro_batch_tokens):
+            piece = _take(batch, index, columns)
+            piece_logprobs, piece_values, _ = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
+            old_logprobs[index, columns] = piece_logprobs
+            values[index, columns] = piece_values
+            ref[index, columns] = reference_logprobs(raw.policy, ref_model, piece, raw.chunk_size)
     kl = kl_estimate(old_logprobs, ref, config.ppo.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
@@ -294,29 +323,40 @@ def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator
         epoch_kl, epoch_updates = 0.0, 0
         order = torch.randperm(size)
         for start in range(0, size, ppo.minibatch_size):
-            index = order[start:start + ppo.minibatch_size].to(experience["mask"].device)
-            take = {k: v[index] for k, v in experience.items()}
-            logprobs, values, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
-            policy_loss, policy_stats = ppo_policy_loss(logprobs, take["old_logprobs"], take["advantages"],
-                                                        take["mask"], ppo.clip_range)
-            value_loss, value_stats = ppo_value_loss(values, take["values"], take["returns"], take["mask"],
-                                                     ppo.value_clip)
-            mean_entropy = masked_mean(entropy, take["mask"])
-            loss = policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the PPO loss became {float(loss.detach())}; try a lower learning rate, "
-                                    "reward clipping (reward.clip) or normalization (reward.normalize=true)")
-            accelerator.backward(loss)
+            rows = order[start:start + ppo.minibatch_size].to(experience["mask"].device)
+            total = experience["mask"][rows].sum().clamp(min=1)
+            pieces = row_pieces(experience["attention_mask"], rows, train.micro_batch_tokens)
+            stats: dict[str, torch.Tensor] = {}
+            for i, (index, columns) in enumerate(pieces):
+                # each piece's masked means, weighted by its share of the minibatch's response tokens,
+                # add up to the minibatch's masked means: the same loss and gradient as one pass
+                take = _take(experience, index, columns)
+                weight = take["mask"].sum() / total
+                logprobs, values, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
+                policy_loss, policy_stats = ppo_policy_loss(logprobs, take["old_logprobs"], take["advantages"],
+                                                            take["mask"], ppo.clip_range)
+                value_loss, value_stats = ppo_value_loss(values, take["values"], take["returns"], take["mask"],
+                                                         ppo.value_clip)
+                mean_entropy = masked_mean(entropy, take["mask"])
+                loss = (policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy) * weight
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"the PPO loss became {float(loss.detach())}; try a lower learning rate, "
+                                        "reward clipping (reward.clip) or normalization (reward.normalize=true)")
+                sync = contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(module)
+                with sync:
+                    accelerator.backward(loss)
+                piece_stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy,
+                               **policy_stats, **value_stats}
+                for key, value in piece_stats.items():
+                    stats[key] = stats.get(key, 0.0) + value.detach() * weight
             if train.max_grad_norm:
                 accelerator.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy,
-                     **policy_stats, **value_stats}
             for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-            epoch_kl += float(policy_stats["approx_kl"])
+                sums[key] = sums.get(key, 0.0) + float(value)
+            epoch_kl += float(stats["approx_kl"])
             epoch_updates += 1
             updates += 1
         if ppo.target_kl is not None and epoch_kl / epoch_updates > ppo.target_kl:
