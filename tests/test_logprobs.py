@@ -50,3 +50,30 @@ def test_chunked_recompute_gives_the_same_gradients(model_and_batch):
     LogprobModel(model, chunk_size=3)(ids, attn, mask).sum().backward()  # several chunks: recomputed head
     for name, param in model.named_parameters():
         assert torch.allclose(param.grad, expected[name], atol=1e-5), name
+
+
+def test_rows_of_very_different_lengths_run_in_buckets_with_the_same_results(model_and_batch):
+    from tunelab.logprobs import length_buckets
+
+    model = model_and_batch[0].eval()
+    torch.manual_seed(1)
+    lengths = [8, 10, 110, 9, 115, 12]
+    ids = torch.randint(5, 300, (6, 120))
+    attn = (torch.arange(120) < torch.tensor(lengths)[:, None]).long()
+    mask = attn.clone()
+    mask[:, :4] = 0
+    buckets = length_buckets(attn)
+    assert [(rows.tolist(), length) for rows, length in buckets] == [([0, 3, 1, 5], 12), ([2, 4], 115)]
+    assert len(length_buckets(torch.ones(3, 20, dtype=torch.long))) == 1  # equal lengths: one pass
+    left = attn.flip(1)
+    assert len(length_buckets(left)) == 1  # left padding is not bucketed here
+    model.zero_grad()
+    expected = reference_logprobs(model, ids, attn, mask)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = LogprobModel(model)(ids, attn, mask)
+    got.sum().backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, grads[name], atol=1e-5), name

@@ -9,6 +9,8 @@ pass instead of being stored, so at most `chunk_size x vocab` logits exist at a 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,39 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+BUCKET_OVERHEAD_TOKENS = 64  # a forward pass costs about this many padded tokens' work by itself
+
+
+def length_buckets(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Split a right-padded batch into groups of rows that pad less when run apart: [(rows, length)].
+
+    Rows sorted by length are cut where the padded tokens saved outweigh the cost of another forward
+    pass (an exact dynamic program over the cut points). One bucket (the whole batch) when cutting does
+    not pay, or when the batch is not right-padded (left-padded rows are trimmed by their callers).
+    """
+    lengths = attention_mask.sum(1)
+    width = attention_mask.shape[1]
+    n = lengths.numel()
+    if n < 2 or not bool((attention_mask == (torch.arange(width, device=lengths.device) < lengths[:, None])).all()):
+        return [(torch.arange(n, device=lengths.device), width)]
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    # best[j]: least cost of the first j sorted rows; a bucket of rows i..j-1 costs (j - i) * len[j - 1]
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * sorted_lengths[j - 1] + BUCKET_OVERHEAD_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    if len(bounds) == 1:
+        return [(torch.arange(n, device=lengths.device), width)]
+    return [(order[i:j], max(int(sorted_lengths[j - 1]), 1)) for i, j in reversed(bounds)]
+
+
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states `[B, T, H]` of the transformer body, positions counted over real tokens.
 
@@ -68,6 +103,17 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
     trunk, _ = trunk_and_head(model)
     if not is_prompt_learning(model):
+        buckets = length_buckets(attention_mask)
+        if len(buckets) > 1:  # rows of very different lengths: run each bucket at its own length
+            hidden = None
+            for rows, length in buckets:
+                part = trunk(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
+                             position_ids=position_ids_from_mask(attention_mask[rows, :length]),
+                             use_cache=False).last_hidden_state
+                if hidden is None:
+                    hidden = part.new_zeros(*input_ids.shape, part.shape[-1])
+                hidden = hidden.index_put((rows,), F.pad(part, (0, 0, 0, input_ids.shape[1] - length)))
+            return hidden
         return trunk(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     embeddings = model.get_base_model().get_input_embeddings()(input_ids)
