@@ -37,6 +37,14 @@ def lora(model):
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 
 
+def _peak_kib() -> int:
+    """High-water RSS of this process since exec (ru_maxrss would include the parent's at fork time)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_layout(layout: str, args) -> dict:
     from tunelab.logprobs import token_logprobs
     from tunelab.recipes.ppo import PolicyWithValueHead
@@ -45,7 +53,7 @@ def run_layout(layout: str, args) -> dict:
     attention = torch.ones_like(ids)
     mask = attention.clone()
     mask[:, : args.length // 2] = 0  # second half is the "response"
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _peak_kib()
     if layout == "shared":
         module = PolicyWithValueHead(lora(build(args)))
         with torch.no_grad(), module.policy.disable_adapter():
@@ -60,7 +68,7 @@ def run_layout(layout: str, args) -> dict:
             token_logprobs(reference, ids, attention, mask)
         token_logprobs(policy, ids, attention, mask).sum().backward()
         critic(ids, attention, mask)[1].sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_kib()
     return {"layout": layout, "peak_rss_mib": round(peak / 1024, 1), "before_models_mib": round(baseline / 1024, 1)}
 
 

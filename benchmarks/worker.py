@@ -2,7 +2,8 @@
 
 TOOL is tunelab or trl, WORKLOAD is sft, rm, dpo or ppo. The timed span starts after the imports and ends
 after the trained model is written: model loading, tokenization, the training epoch and the final save,
-for both tools alike. Peak RSS is the whole process's (ru_maxrss). run.py starts this script once per
+for both tools alike. Peak RSS is the process's high-water mark (VmHWM in /proc/self/status; ru_maxrss
+would also count the parent's memory at fork time). run.py starts this script once per
 (tool, workload), each in a fresh process, with the same thread count.
 """
 
@@ -109,6 +110,14 @@ def _run_trl_ppo(world: dict, out: str, tokenizer) -> None:
     trainer.save_model(out)
 
 
+def peak_rss_mib() -> float:
+    """High-water resident set size of this process since it started (exec), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the closest figure
+
+
 def main() -> None:
     tool, workload, world_dir, result = sys.argv[1:5]
     import torch
@@ -125,14 +134,14 @@ def main() -> None:
         import tunelab.cli  # noqa: F401
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-{workload}-") as tmp:
         out = str(Path(tmp) / "run")
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_rss_mib()
         started = time.perf_counter()
         (run_tunelab if tool == "tunelab" else run_trl)(workload, world, out)
         seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_mib()
     version = __import__(tool).__version__ if tool == "trl" else __import__("tunelab").__version__
     Path(result).write_text(json.dumps({"tool": tool, "workload": workload, "seconds": seconds,
-                                        "peak_rss_mib": peak / 1024, "rss_after_imports_mib": before / 1024,
+                                        "peak_rss_mib": peak, "rss_after_imports_mib": before,
                                         "threads": threads, "version": version,
                                         "torch_threads": torch.get_num_threads()}))
 

@@ -37,7 +37,7 @@ class WorldSize:
 
 
 FULL = WorldSize()
-QUICK = WorldSize(sft_rows=48, rm_pairs=48, dpo_pairs=32, ppo_prompts=16)
+QUICK = WorldSize(sft_rows=32, rm_pairs=24, dpo_pairs=16, ppo_prompts=8)
 
 
 def _lengths(rng: random.Random, size: WorldSize, n: int) -> list[int]:

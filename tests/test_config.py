@@ -351,3 +351,13 @@ def test_unknown_flag_is_still_rejected(capsys):
     assert "unrecognized arguments: --lr-max 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a command without overrides takes none
         _parse(build_parser(), ["merge", "run", "--output", "o", "a=1"])
+
+
+def test_micro_batch_tokens_auto_number_or_off():
+    assert build_config(SFTConfig).train.micro_batch_budget("cpu") == 512
+    assert build_config(SFTConfig).train.micro_batch_budget("cuda") == 4096
+    assert build_config(SFTConfig, overrides=["train.micro_batch_tokens=300"]).train.micro_batch_budget("cpu") == 300
+    assert build_config(SFTConfig, overrides=["train.micro_batch_tokens=null"]).train.micro_batch_budget("cpu") is None
+    msg = config_error(overrides=["train.micro_batch_tokens=0"])
+    assert msg.startswith("config value 'train.micro_batch_tokens' (from override 'train.micro_batch_tokens=0'): ")
+    assert "positive number of tokens" in msg

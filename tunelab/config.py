@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -81,15 +81,30 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast")
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
-    micro_batch_tokens: int | None = Field(
-        1024, ge=1, description="split each batch into micro-batches of at most this many padded tokens (rows x "
-        "longest row); the gradient is the same, with less padding and memory (null: off)")
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
+        "auto", description="split each batch into micro-batches of at most this many padded tokens (rows x "
+        "longest row); the gradient is the same, with less padding and memory (auto: 512 on a CPU, 4096 on an "
+        "accelerator; null: off)")
     log_every: int = Field(10, ge=1, description="write metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
     report: bool = Field(True, description="write plots/ and report.md into the run directory at the end")
+
+
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _positive_budget(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number of tokens, 'auto' or null")
+        return value
+
+    def micro_batch_budget(self, device_type: str) -> int | None:
+        """The micro-batch token budget in force on a device of this type ('cpu', 'cuda', ...)."""
+        if self.micro_batch_tokens == "auto":
+            return 512 if device_type == "cpu" else 4096
+        return self.micro_batch_tokens
 
 
 class QuantizationConfig(Section):

@@ -81,7 +81,8 @@ def _interrupting_step(after_calls: int, error: type[BaseException]):
 
 def test_ctrl_c_saves_and_resume_ends_with_identical_weights(world_dir, tmp_path, monkeypatch):
     model_dir, data = world_dir
-    train = dict(max_steps=8, lr=5e-3, save_every=0)  # LoRA dropout makes the RNG state matter
+    # LoRA dropout makes the RNG state matter; one micro-batch per step, so 5 step calls are 5 steps
+    train = dict(max_steps=8, lr=5e-3, save_every=0, micro_batch_tokens=None)
     run_sft(sft_config(model_dir, data, tmp_path / "straight", **train), quiet=True)
 
     monkeypatch.setattr(sft_module, "sft_step", _interrupting_step(5, KeyboardInterrupt))
@@ -142,7 +143,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_last_checkpoint(world_dir
 
     monkeypatch.setattr(sft_module, "sft_step", nan_step)
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*step-2"):
-        run_sft(sft_config(model_dir, data, tmp_path / "run", max_steps=6, save_every=2), quiet=True)
+        run_sft(sft_config(model_dir, data, tmp_path / "run", max_steps=6, save_every=2, micro_batch_tokens=None),
+                quiet=True)
     assert RunDir(tmp_path / "run").latest_checkpoint().name == "step-2"
     assert not (tmp_path / "run" / "final").exists()
 

@@ -130,7 +130,9 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
 
     data, rows = prepared.data, prepared.data.train
     lengths = [length(r) for r in rows]
-    budget = config.train.micro_batch_tokens
+    from accelerate import PartialState
+
+    budget = config.train.micro_batch_budget(PartialState().device.type)
     return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config),
                  collate=lambda ix: [collate([rows[i] for i in piece]) for piece in split_by_tokens(ix, lengths, budget)],
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],

@@ -138,7 +138,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
             if model is not None:
                 model.to(device)
         precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
-                             config.train.batch_size, config.train.micro_batch_tokens, device)
+                             config.train.batch_size, config.train.micro_batch_budget(device.type), device)
         reference, ref_model = None, None  # freed: every batch now carries its reference log-probs
         gc.collect()
         source = ("precomputed from the starting weights before the first update (no second copy)" if from_start

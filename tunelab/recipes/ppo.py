@@ -297,7 +297,7 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
     old_logprobs, values, ref = (torch.zeros_like(mask) for _ in range(3))
     rows = torch.arange(mask.shape[0], device=device)
     with torch.no_grad():
-        for index, columns in row_pieces(batch["attention_mask"], rows, config.train.micro_batch_tokens):
+        for index, columns in row_pieces(batch["attention_mask"], rows, config.train.micro_batch_budget(device.type)):
             piece = _take(batch, index, columns)
             piece_logprobs, piece_values, _ = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
             old_logprobs[index, columns] = piece_logprobs
@@ -317,6 +317,7 @@ def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator
     """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics."""
     ppo, train = config.ppo, config.train
     size = experience["input_ids"].shape[0]
+    budget = train.micro_batch_budget(experience["mask"].device.type)
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(ppo.epochs):
@@ -325,7 +326,7 @@ def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator
         for start in range(0, size, ppo.minibatch_size):
             rows = order[start:start + ppo.minibatch_size].to(experience["mask"].device)
             total = experience["mask"][rows].sum().clamp(min=1)
-            pieces = row_pieces(experience["attention_mask"], rows, train.micro_batch_tokens)
+            pieces = row_pieces(experience["attention_mask"], rows, budget)
             stats: dict[str, torch.Tensor] = {}
             for i, (index, columns) in enumerate(pieces):
                 # each piece's masked means, weighted by its share of the minibatch's response tokens,
