@@ -56,11 +56,13 @@ def workload_tokens(workload: str, paths: dict, response_length: int) -> tuple[i
     return len(rows), sum(r["prompt"] + response_length for r in rows)
 
 
-def trained_parameters(paths: dict) -> int:
-    """Parameters that take part in matrix products: all but the input embedding table."""
+def trained_parameters(paths: dict, workload: str) -> int:
+    """Parameters of the trained model that take part in matrix products: all but the input embedding
+    table, and for the reward model also without the LM head (it has a one-output score head instead)."""
     info = json.loads((Path(paths["policy"]).parent / "world.json").read_text())
     size = info["size"]
-    return info["parameters"] - size["vocab"] * size["hidden"]
+    table = size["vocab"] * size["hidden"]
+    return info["parameters"] - table - (table - size["hidden"] if workload == "rm" else 0)
 
 
 def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: int, log_dir: Path) -> dict:
@@ -88,8 +90,8 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 def table(rows: list[dict], rate: float, threads: int) -> str:
     lines = [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
-             "tokens/s / that rate (parameters without the input embedding table; not defined for PPO, whose "
-             "tokens are generated and trained on several times)", "",
+             "tokens/s / that rate (parameters without the input embedding table, and without the LM head for "
+             "the reward model; not defined for PPO, whose tokens are generated and trained on several times)", "",
              "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | throughput vs TRL | "
              "memory vs TRL | target (throughput / memory) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -145,9 +147,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     rate = matmul_rate(args.threads)
-    parameters = trained_parameters(paths)
-    print(f"matmul: {rate / 1e9:.1f} GFLOP/s fp32 on {args.threads} threads; {parameters / 1e6:.1f}M parameters "
-          "in matrix products", flush=True)
+    print(f"matmul: {rate / 1e9:.1f} GFLOP/s fp32 on {args.threads} threads", flush=True)
     rows = []
     for workload in workloads:
         examples, tokens = workload_tokens(workload, paths, response_length=64)
@@ -167,15 +167,15 @@ def main() -> None:
                 fig = run_worker(python, tool, workload, world_dir, args.threads, out)
             fig["examples_per_s"] = examples / fig["seconds"]
             fig["tokens_per_s"] = tokens / fig["seconds"]
-            fig["mfu"] = None if workload == "ppo" else 6 * parameters * fig["tokens_per_s"] / rate
+            fig["mfu"] = None if workload == "ppo" else (
+                6 * trained_parameters(paths, workload) * fig["tokens_per_s"] / rate)
             row[tool] = fig
         row["speedup"] = row["tunelab"]["examples_per_s"] / row["trl"]["examples_per_s"]
         row["memory_ratio"] = row["tunelab"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]
         rows.append(row)
     text = table(rows, rate, args.threads)
     print("\n" + text)
-    (out / "results.json").write_text(json.dumps({"matmul_flops": rate, "parameters": parameters, "rows": rows},
-                                                 indent=1))
+    (out / "results.json").write_text(json.dumps({"matmul_flops": rate, "rows": rows}, indent=1))
     (out / "results.md").write_text(text + "\n")
     print(f"\nresults: {out / 'results.md'} (raw: results.json, logs: *.log)")
 

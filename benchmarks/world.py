@@ -25,10 +25,10 @@ class WorldSize:
     layers: int = 8
     heads: int = 8
     intermediate: int = 1376
-    sft_rows: int = 256
-    rm_pairs: int = 192
-    dpo_pairs: int = 128
-    ppo_prompts: int = 64
+    sft_rows: int = 200
+    rm_pairs: int = 160
+    dpo_pairs: int = 96
+    ppo_prompts: int = 48
     min_len: int = 4
     max_len: int = 200
     median_len: float = 40.0

@@ -163,10 +163,11 @@ def test_micro_batches_give_the_same_ppo_updates(tiny_dir, tmp_path):
     prompts = write_jsonl(tmp_path / "varied.jsonl", rows)
     history = {}
     for name, budget in (("whole", None), ("split", 24)):
-        config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=2, train__micro_batch_tokens=budget)
+        # one iteration: the same rollout for both (a later one may sample differently once float
+        # rounding has nudged the weights), then 4 epochs x 2 minibatches of updates on it
+        config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=1, train__micro_batch_tokens=budget)
         history[name] = run_ppo(config, quiet=True).history
-    keys = ("score_mean", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
-    for whole, split in zip(history["whole"], history["split"]):
-        for key in keys:
-            assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key
-    assert history["whole"][0]["approx_kl"] > 0  # the policy moved within the iteration
+    whole, split = history["whole"][0], history["split"][0]
+    for key in ("score_mean", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key
+    assert whole["approx_kl"] > 0 and whole["updates"] == 8  # the policy moved within the iteration
