@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from pydantic import ValidationError
 
@@ -354,10 +355,23 @@ def test_unknown_flag_is_still_rejected(capsys):
 
 
 def test_micro_batch_tokens_auto_number_or_off():
-    assert build_config(SFTConfig).train.micro_batch_budget("cpu") == 512
-    assert build_config(SFTConfig).train.micro_batch_budget("cuda") == 4096
-    assert build_config(SFTConfig, overrides=["train.micro_batch_tokens=300"]).train.micro_batch_budget("cpu") == 300
-    assert build_config(SFTConfig, overrides=["train.micro_batch_tokens=null"]).train.micro_batch_budget("cpu") is None
+    from tunelab.modeling import activation_bytes_per_token
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # shapes only
+        big = LlamaForCausalLM(LlamaConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1376))
+        tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                            num_attention_heads=4, num_key_value_heads=4))
+    per_token = activation_bytes_per_token(big)
+    assert per_token == 4 * 8 * (8 * 512 + 4 * 1376)
+    train = build_config(SFTConfig).train
+    assert train.micro_batch_budget("cpu", per_token) == 160 * 2 ** 20 // per_token  # 546 tokens
+    assert train.micro_batch_budget("cuda", per_token) == 1024 * 2 ** 20 // per_token
+    assert train.micro_batch_budget("cpu", activation_bytes_per_token(tiny)) == 16384  # overhead-bound: whole batches
+    assert train.micro_batch_budget("cpu", 10 ** 9) == 512
+    fixed = build_config(SFTConfig, overrides=["train.micro_batch_tokens=300"]).train
+    assert fixed.micro_batch_budget("cpu", per_token) == 300
+    assert build_config(SFTConfig, overrides=["train.micro_batch_tokens=null"]).train.micro_batch_budget("cpu", 1) is None
     msg = config_error(overrides=["train.micro_batch_tokens=0"])
     assert msg.startswith("config value 'train.micro_batch_tokens' (from override 'train.micro_batch_tokens=0'): ")
     assert "positive number of tokens" in msg

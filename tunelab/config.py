@@ -83,8 +83,8 @@ class TrainConfig(Section):
     group_by_length: bool = Field(True, description="batch rows of similar length together")
     micro_batch_tokens: int | Literal["auto"] | None = Field(
         "auto", description="split each batch into micro-batches of at most this many padded tokens (rows x "
-        "longest row); the gradient is the same, with less padding and memory (auto: 512 on a CPU, 4096 on an "
-        "accelerator; null: off)")
+        "longest row); the gradient is the same, with less padding and memory (auto: sized from the model so "
+        "that a micro-batch's activations take about 160 MiB on a CPU, 1 GiB on an accelerator; null: off)")
     log_every: int = Field(10, ge=1, description="write metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
@@ -100,11 +100,17 @@ class TrainConfig(Section):
             raise ValueError("must be a positive number of tokens, 'auto' or null")
         return value
 
-    def micro_batch_budget(self, device_type: str) -> int | None:
-        """The micro-batch token budget in force on a device of this type ('cpu', 'cuda', ...)."""
-        if self.micro_batch_tokens == "auto":
-            return 512 if device_type == "cpu" else 4096
-        return self.micro_batch_tokens
+    def micro_batch_budget(self, device_type: str, token_bytes: int) -> int | None:
+        """The micro-batch token budget in force on a device of this type ('cpu', 'cuda', ...).
+
+        `auto` sizes micro-batches so that their stored activations (`token_bytes` per token) take about
+        160 MiB on a CPU or 1 GiB on an accelerator, within [512, 16384] tokens: small models, whose speed
+        is bound by per-pass overhead, run whole batches; large ones are split.
+        """
+        if self.micro_batch_tokens != "auto":
+            return self.micro_batch_tokens
+        allowance = (160 if device_type == "cpu" else 1024) * 2 ** 20
+        return min(16384, max(512, allowance // max(token_bytes, 1)))
 
 
 class QuantizationConfig(Section):

@@ -245,3 +245,14 @@ def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
     with atomic_dir(Path(output_dir)) as tmp:
         save_pretrained(model, tokenizer, tmp)
     return Path(output_dir)
+
+
+def activation_bytes_per_token(model: nn.Module) -> int:
+    """About how many bytes of activations a transformer stores per token for its backward pass (fp32):
+    per layer, 8 x hidden (attention inputs, q/k/v, output, norms) + 4 x intermediate (the MLP)."""
+    config = getattr(model, "config", None)
+    base = getattr(config, "text_config", None) or config
+    hidden = getattr(base, "hidden_size", None) or getattr(base, "d_model", None) or 1024
+    layers = getattr(base, "num_hidden_layers", None) or getattr(base, "n_layer", None) or 24
+    intermediate = getattr(base, "intermediate_size", None) or 4 * hidden
+    return 4 * layers * (8 * hidden + 4 * intermediate)

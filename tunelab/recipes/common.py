@@ -16,8 +16,8 @@ from tunelab.config import RecipeConfig, config_to_yaml
 from tunelab.data.batching import epoch_batches, mixture_indices, pad_batch
 from tunelab.data.dataset import Item, TokenizedData
 from tunelab.data.templates import Rendered
-from tunelab.modeling import (apply_peft, check_quantization_possible, count_parameters, load_tokenizer,
-                              save_pretrained)
+from tunelab.modeling import (activation_bytes_per_token, apply_peft, check_quantization_possible, count_parameters,
+                              load_tokenizer, save_pretrained)
 
 
 def log(text: str) -> None:
@@ -132,7 +132,7 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
     lengths = [length(r) for r in rows]
     from accelerate import PartialState
 
-    budget = config.train.micro_batch_budget(PartialState().device.type)
+    budget = config.train.micro_batch_budget(PartialState().device.type, activation_bytes_per_token(prepared.model))
     return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config),
                  collate=lambda ix: [collate([rows[i] for i in piece]) for piece in split_by_tokens(ix, lengths, budget)],
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],

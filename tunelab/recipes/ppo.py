@@ -35,7 +35,7 @@ from tunelab.logprobs import head_logprobs, hidden_states, token_logprobs, trunk
 from tunelab.loop import Progress, TrainingError, build_optimizer, lr_factor
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
-from tunelab.modeling import adapter_disabled, load_causal_lm
+from tunelab.modeling import activation_bytes_per_token, adapter_disabled, load_causal_lm
 from tunelab.recipes.common import batch_plan, log, prepare_recipe, split_by_tokens, write_final
 from tunelab.report import report_at_end
 from tunelab.rewards import load_reward_fn
@@ -297,7 +297,8 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
     old_logprobs, values, ref = (torch.zeros_like(mask) for _ in range(3))
     rows = torch.arange(mask.shape[0], device=device)
     with torch.no_grad():
-        for index, columns in row_pieces(batch["attention_mask"], rows, config.train.micro_batch_budget(device.type)):
+        budget = config.train.micro_batch_budget(device.type, activation_bytes_per_token(raw.policy))
+        for index, columns in row_pieces(batch["attention_mask"], rows, budget):
             piece = _take(batch, index, columns)
             piece_logprobs, piece_values, _ = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
             old_logprobs[index, columns] = piece_logprobs
@@ -317,7 +318,8 @@ def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator
     """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics."""
     ppo, train = config.ppo, config.train
     size = experience["input_ids"].shape[0]
-    budget = train.micro_batch_budget(experience["mask"].device.type)
+    budget = train.micro_batch_budget(experience["mask"].device.type,
+                                      activation_bytes_per_token(accelerator.unwrap_model(module).policy))
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(ppo.epochs):
