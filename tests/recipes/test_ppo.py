@@ -168,6 +168,10 @@ def test_micro_batches_give_the_same_ppo_updates(tiny_dir, tmp_path):
         config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=1, train__micro_batch_tokens=budget)
         history[name] = run_ppo(config, quiet=True).history
     whole, split = history["whole"][0], history["split"][0]
-    for key in ("score_mean", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
-        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key
+    for key in ("score_mean", "kl"):  # from the experience passes, before any update: float rounding only
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+    # means over the 8 updates: Adam turns rounding differences in tiny gradients into small weight
+    # differences (on a GPU, whose kernels depend on the batch shape, about 3e-4 relative here)
+    for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-4), key
     assert whole["approx_kl"] > 0 and whole["updates"] == 8  # the policy moved within the iteration
