@@ -30,17 +30,14 @@ TEMPERATURE = 0.7
 def run_tunelab(workload: str, world: dict, out: str) -> None:
     from tunelab.cli import main
 
-    common = ["--output", out, "--epochs", "1", "--batch-size", str(BATCH), "--lr", str(LR[workload]), "--peft",
-              "none", "--quiet", "train.schedule=linear", "train.warmup_ratio=0", "data.eval_fraction=0",
+    common = ["--output", out, "--batch-size", str(BATCH), "--lr", str(LR[workload]), "--peft", "none", "--quiet",
+              "train.schedule=linear", "train.warmup_ratio=0", "data.eval_fraction=0",
               f"data.max_length={MAX_LENGTH}", "train.report=false", "train.log_every=1000"]
-    if workload == "sft":
-        argv = ["sft", "--model", world["policy"], "--data", world["sft"]]
-    elif workload == "rm":
-        argv = ["rm", "--model", world["policy"], "--data", world["rm"]]
-    elif workload == "dpo":
-        argv = ["dpo", "--model", world["policy"], "--data", world["dpo"], f"dpo.beta={BETA}"]
-    else:
-        common.remove("--epochs"), common.remove("1")
+    if workload != "ppo":
+        argv = [workload, "--model", world["policy"], "--data", world[workload], "--epochs", "1"]
+        if workload == "dpo":
+            argv.append(f"dpo.beta={BETA}")
+    else:  # one epoch over the prompts: one iteration per batch of them
         prompts = sum(1 for _ in open(world["ppo"]))
         argv = ["ppo", "--model", world["policy"], "--data", world["ppo"], "--reward", world["reward"],
                 "--max-steps", str(prompts // BATCH), f"ppo.epochs={PPO_EPOCHS}", f"ppo.minibatch_size={BATCH}",

@@ -105,15 +105,12 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     if not is_prompt_learning(model):
         buckets = length_buckets(attention_mask)
         if len(buckets) > 1:  # rows of very different lengths: run each bucket at its own length
-            hidden = None
-            for rows, length in buckets:
-                part = trunk(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
-                             position_ids=position_ids_from_mask(attention_mask[rows, :length]),
-                             use_cache=False).last_hidden_state
-                if hidden is None:
-                    hidden = part.new_zeros(*input_ids.shape, part.shape[-1])
-                hidden = hidden.index_put((rows,), F.pad(part, (0, 0, 0, input_ids.shape[1] - length)))
-            return hidden
+            parts = [F.pad(trunk(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
+                                 position_ids=position_ids_from_mask(attention_mask[rows, :length]),
+                                 use_cache=False).last_hidden_state, (0, 0, 0, input_ids.shape[1] - length))
+                     for rows, length in buckets]
+            order = torch.cat([rows for rows, _ in buckets])
+            return torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
         return trunk(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     embeddings = model.get_base_model().get_input_embeddings()(input_ids)

@@ -121,6 +121,9 @@ def _append_metrics(run: RunDir, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def build_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device,
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; fused into one kernel on CPU and CUDA (about 5x faster on CPU than the per-tensor loop, no
@@ -130,16 +133,13 @@ def build_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, 
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _micro_batches(collated: Batch | list[Batch]) -> list[Batch]:
     """A collate function may split a batch into micro-batches (a list); the loop accumulates over them."""
     return collated if isinstance(collated, list) else [collated]
 
 
 def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
-          collate: Callable[[list[int]], Batch], eval_batches: list[Batch], config: TrainConfig, lr: float,
+          collate: Callable[[list[int]], Batch | list[Batch]], eval_batches: list[Batch], config: TrainConfig, lr: float,
           run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train") -> TrainResult:
     """Optimize the trainable parameters of `module`; see the module docstring for the contract."""
     from accelerate import Accelerator

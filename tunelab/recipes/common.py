@@ -122,17 +122,22 @@ def split_by_tokens(indices: list[int], lengths: list[int], budget: int | None) 
     return pieces + [current] if current else pieces
 
 
+def micro_batch_budget(config: RecipeConfig, model: nn.Module, device: torch.device) -> int | None:
+    """`train.micro_batch_tokens` in force for this model on this device (`auto` resolved)."""
+    return config.train.micro_batch_budget(device.type, activation_bytes_per_token(model))
+
+
 def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module, step_fn,
                  collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
                  quiet: bool):
     """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches."""
+    from accelerate import PartialState
+
     from tunelab.loop import train
 
     data, rows = prepared.data, prepared.data.train
     lengths = [length(r) for r in rows]
-    from accelerate import PartialState
-
-    budget = config.train.micro_batch_budget(PartialState().device.type, activation_bytes_per_token(prepared.model))
+    budget = micro_batch_budget(config, prepared.model, PartialState().device)
     return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config),
                  collate=lambda ix: [collate([rows[i] for i in piece]) for piece in split_by_tokens(ix, lengths, budget)],
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],

@@ -25,8 +25,9 @@ from tunelab.data.preference import PolicyPair, prepare_policy_pairs
 from tunelab.logprobs import LogprobModel, token_logprobs
 from tunelab.loop import TrainResult, to_device
 from tunelab.losses import dpo_loss
-from tunelab.modeling import activation_bytes_per_token, adapter_disabled, load_causal_lm
-from tunelab.recipes.common import collate_rendered, log, prepare_recipe, split_by_tokens, train_recipe, write_final
+from tunelab.modeling import adapter_disabled, load_causal_lm
+from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
+                                    train_recipe, write_final)
 
 RefFn = Callable[[dict], torch.Tensor]
 
@@ -138,7 +139,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
             if model is not None:
                 model.to(device)
         precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
-                             config.train.batch_size, config.train.micro_batch_budget(device.type, activation_bytes_per_token(policy)), device)
+                             config.train.batch_size, micro_batch_budget(config, policy, device), device)
         reference, ref_model = None, None  # freed: every batch now carries its reference log-probs
         gc.collect()
         source = ("precomputed from the starting weights before the first update (no second copy)" if from_start

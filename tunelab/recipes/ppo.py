@@ -35,8 +35,8 @@ from tunelab.logprobs import head_logprobs, hidden_states, token_logprobs, trunk
 from tunelab.loop import Progress, TrainingError, build_optimizer, lr_factor
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
-from tunelab.modeling import activation_bytes_per_token, adapter_disabled, load_causal_lm
-from tunelab.recipes.common import batch_plan, log, prepare_recipe, split_by_tokens, write_final
+from tunelab.modeling import adapter_disabled, load_causal_lm
+from tunelab.recipes.common import batch_plan, log, micro_batch_budget, prepare_recipe, split_by_tokens, write_final
 from tunelab.report import report_at_end
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
@@ -199,6 +199,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     # epoch must agree exactly before any update, or the ratio is noise
     module.eval()
     plan = batch_plan(data, [1] * len(data.train), config)
+    budget = micro_batch_budget(config, raw.policy, device)
     lengths = LengthSampler(gen.length_sampler_min or gen.max_new_tokens, gen.max_new_tokens)
     progress = Progress(iterations, iteration, quiet, train.log_every, "ppo")
     history: list[dict] = []
@@ -222,10 +223,11 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
                                       top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
             raw_scores = torch.tensor(reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
             scores = shape_scores(raw_scores, rollout.ended, config).to(device)
-            experience = make_experience(module, raw, ref_model, rollout, scores, controller.value, config, device)
+            experience = make_experience(module, raw, ref_model, rollout, scores, controller.value, config, device,
+                                         budget)
             rollout_s = time.time() - started
             started = time.time()
-            learned = learn(module, experience, optimizer, scheduler, accelerator, params, config)
+            learned = learn(module, experience, optimizer, scheduler, accelerator, params, config, budget)
             learn_s = time.time() - started
             iteration, position = iteration + 1, position + 1
             mask = experience["mask"]
@@ -289,15 +291,17 @@ def _take(batch: dict, index: torch.Tensor, columns: slice) -> dict:
 
 
 def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.Module | None, rollout: Rollout,
-                    scores: torch.Tensor, kl_coef: float, config: PPOConfig, device: torch.device) -> dict:
-    """Old log-probs, values, reference log-probs, KL, per-token rewards, advantages and returns."""
+                    scores: torch.Tensor, kl_coef: float, config: PPOConfig, device: torch.device,
+                    budget: int | None) -> dict:
+    """Old log-probs, values, reference log-probs, KL, per-token rewards, advantages and returns.
+
+    The forward passes run in micro-batches of at most `budget` padded tokens (`row_pieces`)."""
     batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
              "loss_mask": rollout.loss_mask.to(device)}
     mask = batch["loss_mask"].float()
     old_logprobs, values, ref = (torch.zeros_like(mask) for _ in range(3))
     rows = torch.arange(mask.shape[0], device=device)
     with torch.no_grad():
-        budget = config.train.micro_batch_budget(device.type, activation_bytes_per_token(raw.policy))
         for index, columns in row_pieces(batch["attention_mask"], rows, budget):
             piece = _take(batch, index, columns)
             piece_logprobs, piece_values, _ = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
@@ -314,12 +318,10 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
 
 
 def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator, params: list,
-          config: PPOConfig) -> dict[str, float]:
+          config: PPOConfig, budget: int | None) -> dict[str, float]:
     """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics."""
     ppo, train = config.ppo, config.train
     size = experience["input_ids"].shape[0]
-    budget = train.micro_batch_budget(experience["mask"].device.type,
-                                      activation_bytes_per_token(accelerator.unwrap_model(module).policy))
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(ppo.epochs):
