@@ -114,11 +114,16 @@ class RunDir:
 
     def trim_metrics(self, after_step: int) -> None:
         """Drop metric lines logged after `after_step` (by a run that crashed before its next checkpoint)."""
-        if not self.metrics.is_file():
-            return
-        kept = [line for line in self.metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= after_step]
-        atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
+        trim_jsonl(self.metrics, after_step)
+
+
+def trim_jsonl(path: Path, after_step: int) -> None:
+    """Drop the lines of a per-step JSONL log (metrics, samples) whose `step` is after `after_step`."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -152,23 +157,35 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, scheduler, position: dict,
                     keep_last: int) -> Path:
-    """Write checkpoint `step-<step>` atomically, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step-<step>` atomically, then delete all but the newest `keep_last`.
+
+    Called on every process: each one's RNG state is gathered, and the main process writes it all
+    (`rng-<rank>.safetensors`, one per process) while the others wait.
+    """
+    from tunelab import distributed
+
     target = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
-    with atomic_dir(target) as tmp:
-        save_file(trainable_state(module), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng_tensors, rng_plain = _rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {"step": step, **position, "rng": rng_plain}
-        (tmp / "state.json").write_text(json.dumps(state))  # written last: its presence marks completeness
-    for old in run.checkpoint_dirs()[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    rng_states = distributed.gather_objects(_rng_state())
+    if distributed.is_main():
+        with atomic_dir(target) as tmp:
+            save_file(trainable_state(module), tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for rank, (tensors, _) in enumerate(rng_states):
+                save_file(tensors, tmp / f"rng-{rank}.safetensors")
+            state = {"step": step, **position, "world_size": len(rng_states), "rng": [p for _, p in rng_states]}
+            (tmp / "state.json").write_text(json.dumps(state))  # written last: its presence marks completeness
+        for old in run.checkpoint_dirs()[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.wait()
     return target
 
 
 def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state (step, position)."""
+    """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint; return its state
+    (step, position, ...). Every process reads the same files (a shared file system across nodes)."""
+    from tunelab import distributed
+
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "trainable.safetensors")
     params = dict(module.named_parameters())
@@ -182,5 +199,12 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(load_file(path / "rng.safetensors"), state.pop("rng"))
+    rng_plain, saved_world, rank = state.pop("rng"), state.pop("world_size"), distributed.rank()
+    if saved_world != distributed.world_size():
+        distributed.log(f"note: {path} was written by {saved_world} process(es) and is resumed with "
+                        f"{distributed.world_size()}: weights, optimizer and data position continue, and the "
+                        "batches of each step are shared out anew; the random state starts afresh where no "
+                        "process of that rank was saved")
+    if rank < saved_world:
+        _set_rng_state(load_file(path / f"rng-{rank}.safetensors"), rng_plain[rank])
     return state

@@ -75,9 +75,12 @@ def _recipe_command(cls, module: str, function: str):
     def command(args: argparse.Namespace) -> int:
         import importlib
 
+        from tunelab.distributed import is_main
+
         run = getattr(importlib.import_module(module), function)
         result = run(_recipe_config(cls, args), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-        print(result.final_dir)
+        if is_main():
+            print(result.final_dir)
         return 0
     return command
 
@@ -359,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunelab` command; returns the exit status."""
     from tunelab.checkpoint import RunDirError
     from tunelab.data.load import DataError
+    from tunelab.distributed import LaunchError
     from tunelab.loop import TrainingError
     from tunelab.modeling import ModelLoadError
     from tunelab.rewards import RewardSourceError
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError,
+    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
             FileNotFoundError, ValueError) as exc:
         print(f"tunelab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -44,9 +44,10 @@ def head_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
     With `with_entropy`, returns `[N, 2]`: the log-prob and the entropy of the next-token distribution.
     """
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros((0, 2) if with_entropy else 0, dtype=torch.float32)
     fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
+    if hidden.shape[0] == 0:
+        # still through the head: a data-parallel backward expects every trained parameter to take part
+        return fn(head, hidden, targets)
     recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_size
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from tunelab import distributed
 from tunelab.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from tunelab.config import TrainConfig
 from tunelab.report import report_at_end
@@ -62,12 +63,14 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 class Progress:
-    """A progress bar on a terminal; plain log lines otherwise (or with quiet)."""
+    """A progress bar on a terminal; plain log lines otherwise (or with quiet). Silent on all but the main
+    process, so N processes show one bar."""
 
     def __init__(self, total: int, initial: int, quiet: bool, log_every: int, desc: str):
         self.log_every, self.total = log_every, total
         self.bar = None
-        if not quiet and sys.stderr.isatty():
+        self.silent = not distributed.is_main()
+        if not quiet and not self.silent and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
@@ -75,6 +78,8 @@ class Progress:
 
     def update(self, step: int, **shown: float) -> None:
         """Advance to `step`, showing the given values (e.g. loss=..., tok_s=...)."""
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix({k: f"{v:,.4g}" for k, v in shown.items()}, refresh=False)
@@ -86,6 +91,8 @@ class Progress:
                   file=sys.stderr, flush=True)
 
     def write(self, text: str) -> None:
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
@@ -98,22 +105,41 @@ class Progress:
 
 def evaluate(module: nn.Module, batches: list[Batch], step_fn: StepFn, device: torch.device,
              autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Mean loss (per item) and item-weighted metrics of `step_fn` over `batches`, without gradients."""
+    """Mean loss (per item) and item-weighted metrics of `step_fn` over `batches`, without gradients.
+
+    With several processes each evaluates its share of the batches once, all in the same number of
+    forward passes (a sharded model needs every process in each one; a process short of a batch repeats
+    one and discards it), and the sums are combined.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = batches[rank::world]
+    rounds = math.ceil(len(batches) / world)
     was_training = module.training
     module.eval()
     loss_total, items, sums = 0.0, 0.0, {}
     with torch.no_grad():
-        for batch in batches:
+        for i in range(rounds):
+            batch, weight = (mine[i], 1.0) if i < len(mine) else (batches[0], 0.0)
             with autocast():
                 loss_sum, metrics = step_fn(module, to_device(batch, device))
-            loss_total += float(loss_sum.detach())
-            items += batch["n_items"]
+            loss_total += weight * float(loss_sum.detach())
+            items += weight * batch["n_items"]
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * batch["n_items"]
+                sums[key] = sums.get(key, 0.0) + weight * value * batch["n_items"]
     module.train(was_training)
+    loss_total, items, sums = _combine(distributed.gather_objects((loss_total, items, sums)))
     if items == 0:
         return {}
     return {"loss": loss_total / items, **{k: v / items for k, v in sums.items()}}
+
+
+def _combine(parts: list[tuple[float, float, dict[str, float]]]) -> tuple[float, float, dict[str, float]]:
+    """Add up (loss sum, item count, metric sums) from every process."""
+    sums: dict[str, float] = {}
+    for _, _, part in parts:
+        for key, value in part.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sum(p[0] for p in parts), sum(p[1] for p in parts), sums
 
 
 def _append_metrics(run: RunDir, record: dict) -> None:
@@ -138,12 +164,26 @@ def _micro_batches(collated: Batch | list[Batch]) -> list[Batch]:
     return collated if isinstance(collated, list) else [collated]
 
 
+def describe_batch(world: int, batch_size: int, grad_accum: int, unit: str = "examples") -> str:
+    """The start-of-run line on batch sizes: per device, accumulation, processes and the effective batch."""
+    return (f"batch: {batch_size} {unit} per device x {grad_accum} accumulation x {world} "
+            f"process{'es' if world > 1 else ''} = {batch_size * grad_accum * world} per optimizer step")
+
+
 def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
           collate: Callable[[list[int]], Batch | list[Batch]], eval_batches: list[Batch], config: TrainConfig, lr: float,
           run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train") -> TrainResult:
-    """Optimize the trainable parameters of `module`; see the module docstring for the contract."""
+    """Optimize the trainable parameters of `module`; see the module docstring for the contract.
+
+    With N processes each optimizer step takes `grad_accum x N` batches of the plan, each process its
+    share; the loss is divided by the item count of all of them (summed over processes), so N processes
+    with batch B give the gradient of one process with batch B and `grad_accum` x N. Dropout masks are
+    drawn from a seed of (seed, epoch, batch position), so they too do not depend on which process runs
+    a batch, nor on a resume.
+    """
     from accelerate import Accelerator
 
+    distributed.state()
     # precision is applied here rather than through Accelerator(mixed_precision=...): accelerate's
     # state is a per-process singleton, and one process may run several recipes (the demo, a notebook)
     accelerator = Accelerator()
@@ -152,13 +192,13 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in module.parameters()):
         raise TrainingError("the model has no trainable parameters (check the peft settings)")
-    optimizer = build_optimizer(params, lr, config.weight_decay, device)
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], lr, config.weight_decay,
+                                device)
     # each optimizer step consumes grad_accum micro-batches per process; a tail too short to give
     # every process a batch ends the epoch (a process without a batch would stall the others)
-    world = accelerator.num_processes
+    world, rank = accelerator.num_processes, accelerator.process_index
     span = config.grad_accum * world
     n_batches = len(plan(0))
     if n_batches < world:
@@ -169,21 +209,24 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     warmup = math.ceil(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total, config.schedule))
+    distributed.log(describe_batch(world, config.batch_size, config.grad_accum))
 
     step, epoch, position = 0, 0, 0
     if resume:
         checkpoint = run.latest_checkpoint()
         state = load_checkpoint(checkpoint, module, optimizer, scheduler)
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        run.trim_metrics(step)
-        print(f"resumed from {checkpoint} (step {step}/{total})", file=sys.stderr)
+        if accelerator.is_main_process:
+            run.trim_metrics(step)
+        distributed.log(f"resumed from {checkpoint} (step {step}/{total})")
     module, optimizer = accelerator.prepare(module, optimizer)
     raw_module = accelerator.unwrap_model(module)
+    # clipping reads the parameters the prepared model trains (a sharding wrapper replaces them)
+    params = [p for p in module.parameters() if p.requires_grad]
 
     def checkpoint_now() -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
-                            config.keep_last)
+        save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
+                        config.keep_last)
 
     def run_eval() -> dict[str, float]:
         if not eval_batches:
@@ -205,25 +248,33 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
             batches = plan(epoch)
             while len(batches) - position >= world and step < total:
                 consumed = batches[position:position + span]
-                group = [to_device(piece, device) for ix in consumed[accelerator.process_index::world]
-                         for piece in _micro_batches(collate(ix))]
-                n_items = sum(b["n_items"] for b in group) or 1
-                step_loss, sums = 0.0, {}
-                for i, batch in enumerate(group):
+                group = [(index, piece) for index in range(rank, len(consumed), world)
+                         for piece in enumerate(_micro_batches(collate(consumed[index])))]
+                # the loss is a mean over every item of the step, on all processes together
+                n_items = distributed.all_sum_floats([sum(b["n_items"] for _, (_, b) in group)])[0] or 1
+                loss_total, sums = 0.0, {}
+                for i, (index, (piece, batch)) in enumerate(group):
+                    torch.manual_seed(distributed.derived_seed(config.seed, epoch, position + index, piece))
                     sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(module)
                     with sync:
                         with autocast():
-                            loss_sum, metrics = step_fn(module, batch)
-                        if not torch.isfinite(loss_sum):
-                            good = run.latest_checkpoint()
-                            raise TrainingError(
-                                f"the loss became {float(loss_sum.detach())} at step {step + 1} (epoch {epoch}); stopped. "
-                                f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
-                                "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
-                        accelerator.backward(loss_sum / n_items)
-                    step_loss += float(loss_sum.detach()) / n_items
-                    for key, value in metrics.items():  # per-item means, weighted by the micro-batch's items
-                        sums[key] = sums.get(key, 0.0) + value * batch["n_items"] / n_items
+                            loss_sum, metrics = step_fn(module, to_device(batch, device))
+                        # gradients are averaged over processes, so each contributes world x its share
+                        accelerator.backward(loss_sum * (world / n_items))
+                    loss_total += float(loss_sum.detach())
+                    for key, metric in metrics.items():  # per-item means, weighted by the micro-batch's items
+                        sums[key] = sums.get(key, 0.0) + metric * batch["n_items"]
+                keys = sorted(sums)
+                reduced = distributed.all_sum_floats(
+                    [loss_total, sum(b["n_tokens"] for _, (_, b) in group)] + [sums[k] for k in keys])
+                if not math.isfinite(reduced[0]):  # seen by every process, so none waits in a collective
+                    good = run.latest_checkpoint()
+                    raise TrainingError(
+                        f"the loss became {reduced[0]} at step {step + 1} (epoch {epoch}); stopped. "
+                        f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
+                        "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
+                step_loss = reduced[0] / n_items
+                sums = {k: v / n_items for k, v in zip(keys, reduced[2:])}
                 grad_norm = None
                 if config.max_grad_norm:
                     grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
@@ -234,7 +285,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 last_loss = step_loss
 
                 window_steps += 1
-                window_tokens += sum(b["n_tokens"] for b in group)
+                window_tokens += int(reduced[1])
                 window["loss"] = window.get("loss", 0.0) + step_loss
                 for key, value in sums.items():
                     window[key] = window.get(key, 0.0) + value
@@ -260,8 +311,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     except KeyboardInterrupt:
         progress.close()
         checkpoint_now()
-        print(f"\ninterrupted at step {step}: checkpoint saved in {run.checkpoints}; "
-              "run the same command with --resume to continue", file=sys.stderr)
+        distributed.log(f"\ninterrupted at step {step}: checkpoint saved in {run.checkpoints}; "
+            "run the same command with --resume to continue")
         raise
     progress.close()
     if config.save_every and step % config.save_every:
@@ -270,3 +321,4 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     if accelerator.is_main_process:
         report_at_end(run.path, config.report)
     return TrainResult(step, last_loss, eval_metrics, time.time() - started)
+

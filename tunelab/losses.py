@@ -119,13 +119,27 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 # RLHF with PPO (Schulman et al., 2017; Ziegler et al., 2019; Ouyang et al., 2022)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_moments(values: torch.Tensor, mask: torch.Tensor, all_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of `values` over the positions where `mask` is set.
+
+    `all_sum`, when given, sums a tensor over processes, so each process gets the moments of the whole
+    batch spread across them (two reductions: the mean first, then the squared deviations from it).
+    """
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return all_sum(x) if all_sum is not None else x
+
+    count_and_sum = total(torch.stack([mask.to(values.dtype).sum(), masked_sum(values, mask)]))
+    count = count_and_sum[0].clamp(min=1)
+    mean = count_and_sum[1] / count
+    return mean, total(masked_sum((values - mean) ** 2, mask)) / count
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
     """(x - mean) / std over the positions where `mask` is set; with shift_mean=False the mean is kept.
 
-    `values`, `mask`: `[B, T]`. Masked positions come back as 0.
+    `values`, `mask`: `[B, T]`. Masked positions come back as 0. `all_sum`: see `masked_moments`.
     """
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+    mean, var = masked_moments(values, mask, all_sum)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -210,11 +224,12 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return loss, {"value_clip_fraction": masked_mean((clipped_error > unclipped_error).float(), mask).detach()}
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target) over masked positions (1 = perfect, 0 = no better than the mean)."""
-    target_var = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
-    residual = target - predicted
-    residual_var = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, all_sum=None) -> float:
+    """1 - Var(target - predicted) / Var(target) over masked positions (1 = perfect, 0 = no better than the mean).
+
+    `all_sum`: see `masked_moments`."""
+    _, target_var = masked_moments(target, mask, all_sum)
+    _, residual_var = masked_moments(target - predicted, mask, all_sum)
     return float(1 - residual_var / target_var.clamp(min=1e-8))
 
 

@@ -75,7 +75,11 @@ def bnb_config(quantization: QuantizationConfig):
 def _quantized_kwargs(quantization: QuantizationConfig | None) -> dict:
     if quantization is None:
         return {}
-    return {"quantization_config": bnb_config(quantization), "device_map": {"": torch.cuda.current_device()}}
+    from tunelab import distributed
+
+    # each process loads its quantized copy onto its own GPU
+    return {"quantization_config": bnb_config(quantization),
+            "device_map": {"": torch.device(distributed.state().device).index or 0}}
 
 
 def _prepare_quantized(model: nn.Module, quantization: QuantizationConfig | None, checkpointing: bool) -> nn.Module:
@@ -151,9 +155,11 @@ def adapter_disabled(model: nn.Module):
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts (whole tensors, also where DeepSpeed ZeRO-3 partitions them)."""
+    def size(p: nn.Parameter) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())
 
 
 def save_pretrained(model: nn.Module, tokenizer, directory: Path) -> None:

@@ -62,7 +62,7 @@ class RewardScorer:
     [1.73]
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 16, device: str | None = None,
+    def __init__(self, path: str | Path, batch_size: int = 16, device: torch.device | str | None = None,
                  chat_template: str | None = None):
         from tunelab.modeling import load_reward_model_for_inference
 
@@ -99,10 +99,10 @@ class RewardSourceError(ValueError):
     """A reward source could not be found or used; the message says which and what was expected."""
 
 
-def _pipeline_reward(model: str, label: str | None, batch_size: int) -> RewardFn:
+def _pipeline_reward(model: str, label: str | None, batch_size: int, device=None) -> RewardFn:
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=model, top_k=None)
+    classifier = pipeline("text-classification", model=model, top_k=None, device=device)
 
     def score(prompts: list[str], responses: list[str]) -> list[float]:
         # as in the classic sentiment lab, the classifier reads the whole text, prompt + response
@@ -129,20 +129,22 @@ def _callable_reward(spec: str) -> RewardFn:
     return fn
 
 
-def load_reward_fn(source: str, label: str | None = None, batch_size: int = 16) -> RewardFn:
+def load_reward_fn(source: str, label: str | None = None, batch_size: int = 16,
+                   device: torch.device | str | None = None) -> RewardFn:
     """A function (prompts, responses) -> scores from a reward source.
 
     `source` is a `tunelab rm` run or model directory; `pipeline:MODEL` for a Hugging Face
     text-classification pipeline, scoring prompt + response and picking `label`'s score (default: the
     first label); or `module:function`, a Python callable taking lists of prompts and responses.
+    A reward model or pipeline runs on `device` (with several processes: each process's own).
     A config never executes code: the callable is named, and must be importable.
     """
     if not source:
         raise RewardSourceError("no reward given: pass --reward (a tunelab rm run, pipeline:MODEL, or module:function)")
     if source.startswith("pipeline:"):
-        return _pipeline_reward(source[len("pipeline:"):], label, batch_size)
+        return _pipeline_reward(source[len("pipeline:"):], label, batch_size, device)
     if Path(source).exists():
-        return RewardScorer(source, batch_size=batch_size).score
+        return RewardScorer(source, batch_size=batch_size, device=device).score
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", source):
         return _callable_reward(source)
     raise RewardSourceError(f"reward source '{source}' is not an existing reward-model directory, pipeline:MODEL, "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generic
@@ -11,18 +10,15 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from tunelab import distributed
 from tunelab.checkpoint import RunDir, atomic_dir, atomic_write_text
 from tunelab.config import RecipeConfig, config_to_yaml
 from tunelab.data.batching import epoch_batches, mixture_indices, pad_batch
 from tunelab.data.dataset import Item, TokenizedData
 from tunelab.data.templates import Rendered
+from tunelab.distributed import log
 from tunelab.modeling import (activation_bytes_per_token, apply_peft, check_quantization_possible, count_parameters,
                               load_tokenizer, save_pretrained)
-
-
-def log(text: str) -> None:
-    """Status lines go to stderr, so stdout stays clean for results."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def absolute_if_local(name_or_path: str) -> str:
@@ -33,15 +29,12 @@ def absolute_if_local(name_or_path: str) -> str:
 
 def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool, header: str = "") -> RunDir:
     """Prepare the run directory and write the fully resolved config.yaml (with `header` as a comment)."""
-    from accelerate import PartialState
-
-    state = PartialState()
     run = RunDir(output)
-    state.wait_for_everyone()  # every process has checked the directory before it changes
-    if state.is_main_process:  # under `accelerate launch`, one process owns the directory
+    distributed.wait()  # every process has checked the directory before it changes
+    if distributed.is_main():  # with several processes, one owns the directory
         run.prepare(resume=resume, overwrite=overwrite)
         atomic_write_text(run.config, (f"# {header}\n" if header else "") + config_to_yaml(config))
-    state.wait_for_everyone()
+    distributed.wait()
     return run
 
 
@@ -61,8 +54,12 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     """Validate everything that can fail on bad input, then create the run directory.
 
     Order matters: the output directory is checked first and only created once the model and data
-    have loaded, so a typo never leaves a half-made run behind.
+    have loaded, so a typo never leaves a half-made run behind. The process group is formed first, so
+    every later step (device placement, QLoRA loading) knows its process.
     """
+    state = distributed.state()
+    if state.num_processes > 1:
+        log(f"processes: {state.num_processes} ({state.distributed_type.value}, {state.backend}, {state.device.type})")
     RunDir(config.output).check(resume=resume, overwrite=overwrite)
     if config.peft == "qlora":
         check_quantization_possible()
@@ -131,13 +128,11 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
                  collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
                  quiet: bool):
     """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches."""
-    from accelerate import PartialState
-
     from tunelab.loop import train
 
     data, rows = prepared.data, prepared.data.train
     lengths = [length(r) for r in rows]
-    budget = micro_batch_budget(config, prepared.model, PartialState().device)
+    budget = micro_batch_budget(config, prepared.model, distributed.state().device)
     return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config),
                  collate=lambda ix: [collate([rows[i] for i in piece]) for piece in split_by_tokens(ix, lengths, budget)],
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
@@ -147,12 +142,9 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
 
 
 def write_final(run: RunDir, model, tokenizer) -> Path:
-    """Save the trained model (or adapter) and tokenizer to final/, atomically."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
+    """Save the trained model (or adapter) and tokenizer to final/, atomically (the main process writes)."""
+    if distributed.is_main():
         with atomic_dir(run.final) as tmp:
             save_pretrained(model, tokenizer, tmp)
-    state.wait_for_everyone()
+    distributed.wait()
     return run.final

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate import PartialState
 from torch import nn
+
+from tunelab import distributed
 
 from tunelab.config import DPOConfig, ModelConfig
 from tunelab.data.dataset import TokenizedData
@@ -101,15 +102,20 @@ def precompute_reference(pairs: list[PolicyPair], reference: RefFn, pad_id: int,
     """Store reference log-probs on every pair, so the reference model is needed only once.
 
     Pairs go shortest first, `batch_size` at a time, split further to stay within `budget` padded tokens.
+    With several processes each computes every N-th batch and the results are gathered, so every
+    process ends with all pairs' values, each computed once.
     """
     lengths = [pair_length(p) for p in pairs]
     ordered = sorted(range(len(pairs)), key=lambda i: lengths[i])
-    for start in range(0, len(ordered), batch_size):
+    starts = range(0, len(ordered), batch_size)[distributed.rank()::distributed.world_size()]
+    mine: dict[int, tuple[float, float]] = {}
+    for start in starts:
         for piece in split_by_tokens(ordered[start:start + batch_size], lengths, budget):
-            chunk = [pairs[i] for i in piece]
-            ref = reference(to_device(collate_policy_pairs(chunk, pad_id), device)).tolist()
-            for pair, chosen, rejected in zip(chunk, ref[:len(chunk)], ref[len(chunk):]):
-                pair.ref_chosen, pair.ref_rejected = chosen, rejected
+            ref = reference(to_device(collate_policy_pairs([pairs[i] for i in piece], pad_id), device)).tolist()
+            mine.update((i, pair) for i, pair in zip(piece, zip(ref[:len(piece)], ref[len(piece):])))
+    for part in distributed.gather_objects(mine):
+        for i, (chosen, rejected) in part.items():
+            pairs[i].ref_chosen, pairs[i].ref_rejected = chosen, rejected
 
 
 def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> DPOResult:
@@ -133,7 +139,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
     reference = reference_fn(policy, policy if from_start else ref_model, chunk)
     source = f"frozen copy of {config.ref or config.model.name_or_path}" if separate_ref else "adapter disabled"
 
-    device = PartialState().device
+    device = distributed.state().device
     if config.dpo.precompute_ref or from_start:
         for model in (policy, ref_model):
             if model is not None:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.checkpoint import load_checkpoint, save_checkpoint
+from tunelab import distributed
+from tunelab.checkpoint import load_checkpoint, save_checkpoint, trim_jsonl
 from tunelab.config import ModelConfig, PPOConfig
 from tunelab.data.dataset import prepare_data
 from tunelab.data.formats import Example
@@ -36,7 +37,8 @@ from tunelab.loop import Progress, TrainingError, build_optimizer, lr_factor
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
 from tunelab.modeling import adapter_disabled, load_causal_lm
-from tunelab.recipes.common import batch_plan, log, micro_batch_budget, prepare_recipe, split_by_tokens, write_final
+from tunelab.distributed import log
+from tunelab.recipes.common import batch_plan, micro_batch_budget, prepare_recipe, split_by_tokens, write_final
 from tunelab.report import report_at_end
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
@@ -140,23 +142,59 @@ def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch: di
             return token_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
 
 
-def shape_scores(scores: torch.Tensor, ended: torch.Tensor, config: PPOConfig) -> torch.Tensor:
-    """Apply the missing-EOS penalty, clipping and normalization to raw scores `[B]`."""
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, config: PPOConfig, gather=None) -> torch.Tensor:
+    """Apply the missing-EOS penalty, clipping and normalization to raw scores `[B]`.
+
+    `gather`, when given, collects the scores of every process, so normalization uses the statistics
+    of the whole rollout batch rather than one process's share.
+    """
     reward = config.reward
     if reward.missing_eos_penalty is not None:
         scores = scores + reward.missing_eos_penalty * (~ended).float()
     if reward.clip is not None:
         scores = scores.clamp(-reward.clip, reward.clip)
-    if reward.normalize and scores.numel() > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    whole = gather(scores) if gather is not None else scores
+    if reward.normalize and whole.numel() > 1:
+        scores = (scores - whole.mean()) / (whole.std() + 1e-8)
     return scores
 
 
+def check_batch_split(config: PPOConfig, world: int) -> None:
+    """Prompts per iteration and per minibatch are totals over processes: each must split evenly."""
+    for name, value in (("train.batch_size", config.train.batch_size), ("ppo.minibatch_size", config.ppo.minibatch_size)):
+        if value % world:
+            raise TrainingError(f"{name}={value} prompts cannot be shared evenly by {world} processes; make it a "
+                                f"multiple of {world}")
+
+
+def rollout_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: dict) -> dict[str, float]:
+    """Logged statistics of one iteration over the whole rollout batch (all processes)."""
+    mask = experience["mask"]
+    per_row = torch.stack([raw_scores.to(mask.device), (experience["kl"] * mask).sum(1),
+                           rollout.response_lengths.float().to(mask.device), rollout.ended.float().to(mask.device)], 1)
+    rows = distributed.all_gather(per_row)
+    scores = rows[:, 0]
+    return {"score_mean": float(scores.mean()), "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "kl": float(rows[:, 1].mean()),
+            "explained_variance": explained_variance(experience["values"], experience["returns"], mask,
+                                                     distributed.all_sum),
+            "response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
+
+
 def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> PPOResult:
-    """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`."""
+    """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`.
+
+    With N processes each iteration's prompts are shared out (`train.batch_size` is the total), each
+    process samples, scores and learns from its share, and every statistic that normalises or decides
+    (reward normalization, advantage whitening, the KL of the adaptive controller, the `target_kl` stop,
+    the logged figures) is computed over the whole batch.
+    """
     from accelerate import Accelerator
 
-    reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size)
+    world, rank = distributed.world_size(), distributed.rank()
+    check_batch_split(config, world)
+    reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size,
+                               device=distributed.state().device)
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
@@ -172,13 +210,15 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
         ref_model.requires_grad_(False).eval()
     log(f"reference: {'frozen copy' if ref_model is not None else 'adapter disabled (no second copy)'}; "
         f"value: {'critic initialised from ' + ppo.critic if critic is not None else 'scalar head on the policy trunk'}")
+    log(f"batch: {train.batch_size} prompts per iteration ({train.batch_size // world} per process x {world}), "
+        f"minibatches of {ppo.minibatch_size}")
 
     iterations = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(len(data.train) / train.batch_size)))
     minibatches = math.ceil(train.batch_size / ppo.minibatch_size)
     total_updates = iterations * ppo.epochs * minibatches
     accelerator = Accelerator()
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config.resolved_lr(), train.weight_decay, accelerator.device)
+    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config.resolved_lr(),
+                                train.weight_decay, accelerator.device)
     warmup = math.ceil(train.warmup_ratio * total_updates)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_updates, train.schedule))
@@ -188,16 +228,21 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
         state = load_checkpoint(run.latest_checkpoint(), module, optimizer, scheduler)
         iteration, epoch, position, controller.value = state["step"], state["epoch"], state["position"], \
             state["kl_coef"]
-        run.trim_metrics(iteration)
+        if accelerator.is_main_process:
+            run.trim_metrics(iteration)
+            trim_jsonl(run.path / "samples.jsonl", iteration)
         log(f"resumed at iteration {iteration}/{iterations}")
     module, optimizer = accelerator.prepare(module, optimizer)
     raw = accelerator.unwrap_model(module)
+    params = [p for p in module.parameters() if p.requires_grad]
     device = accelerator.device
     if ref_model is not None:
         ref_model.to(device)
     # dropout stays off throughout: the old log-probs of the rollout and the new ones of the first
     # epoch must agree exactly before any update, or the ratio is noise
     module.eval()
+    if rank and not resume:  # every process samples from its own stream; the main one keeps one process's
+        torch.manual_seed(distributed.derived_seed(train.seed, "rollout", rank))
     plan = batch_plan(data, [1] * len(data.train), config)
     budget = micro_batch_budget(config, raw.policy, device)
     lengths = LengthSampler(gen.length_sampler_min or gen.max_new_tokens, gen.max_new_tokens)
@@ -205,9 +250,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     history: list[dict] = []
 
     def checkpoint_now() -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(run, iteration, raw, optimizer, scheduler,
-                            {"epoch": epoch, "position": position, "kl_coef": controller.value}, train.keep_last)
+        save_checkpoint(run, iteration, raw, optimizer, scheduler,
+                        {"epoch": epoch, "position": position, "kl_coef": controller.value}, train.keep_last)
 
     try:
         while iteration < iterations:
@@ -215,14 +259,15 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
             if position >= len(batches):
                 epoch, position = epoch + 1, 0
                 continue
-            prompts = [data.train[i] for i in batches[position]]
-            rng = random.Random(f"{train.seed}-length-{iteration}")
+            share = len(batches[position]) // world  # a short last batch is shared evenly too
+            prompts = [data.train[i] for i in batches[position][rank * share:(rank + 1) * share]]
+            rng = random.Random(f"{train.seed}-length-{iteration}")  # the same length limit on every process
             started = time.time()
             rollout = sample_rollouts(raw.policy, tokenizer, prompts, max_new_tokens=lengths(rng),
                                       min_new_tokens=gen.min_new_tokens, temperature=gen.temperature,
                                       top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
             raw_scores = torch.tensor(reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
-            scores = shape_scores(raw_scores, rollout.ended, config).to(device)
+            scores = shape_scores(raw_scores, rollout.ended, config, distributed.all_gather).to(device)
             experience = make_experience(module, raw, ref_model, rollout, scores, controller.value, config, device,
                                          budget)
             rollout_s = time.time() - started
@@ -230,25 +275,21 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
             learned = learn(module, experience, optimizer, scheduler, accelerator, params, config, budget)
             learn_s = time.time() - started
             iteration, position = iteration + 1, position + 1
-            mask = experience["mask"]
-            kl_per_sequence = float((experience["kl"] * mask).sum(1).mean())
-            record = {
-                "step": iteration, "score_mean": float(raw_scores.mean()),
-                "score_std": float(raw_scores.std()) if raw_scores.numel() > 1 else 0.0,
-                "kl": kl_per_sequence, "kl_coef": controller.value, **learned,
-                "explained_variance": explained_variance(experience["values"], experience["returns"], mask),
-                "response_length": float(rollout.response_lengths.float().mean()),
-                "eos_rate": float(rollout.ended.float().mean()), "rollout_s": round(rollout_s, 3),
-                "learn_s": round(learn_s, 3), "lr": scheduler.get_last_lr()[0],
-            }
+            statistics = rollout_statistics(raw_scores, rollout, experience)
+            record = {"step": iteration, "score_mean": statistics["score_mean"], "score_std": statistics["score_std"],
+                      "kl": statistics["kl"], "kl_coef": controller.value, **learned,
+                      "explained_variance": statistics["explained_variance"],
+                      "response_length": statistics["response_length"], "eos_rate": statistics["eos_rate"],
+                      "rollout_s": round(rollout_s, 3), "learn_s": round(learn_s, 3),
+                      "lr": scheduler.get_last_lr()[0]}
             if ppo.adaptive_kl:
-                controller.update(kl_per_sequence, len(prompts))
+                controller.update(statistics["kl"], share * world)
             history.append(record)
             if accelerator.is_main_process:
                 with run.metrics.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            if ppo.sample_every and (iteration % ppo.sample_every == 0 or iteration == 1):
-                _log_samples(run, progress, iteration, rollout, raw_scores)
+                if ppo.sample_every and (iteration % ppo.sample_every == 0 or iteration == 1):
+                    _log_samples(run, progress, iteration, rollout, raw_scores)
             progress.update(iteration, score=record["score_mean"], kl=record["kl"])
             if train.save_every and iteration % train.save_every == 0:
                 checkpoint_now()
@@ -311,25 +352,32 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
     kl = kl_estimate(old_logprobs, ref, config.ppo.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
-    if config.ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    if config.ppo.whiten_advantages:  # over the response tokens of every process
+        advantages = masked_whiten(advantages, mask, all_sum=distributed.all_sum)
     return {**batch, "mask": mask, "old_logprobs": old_logprobs, "values": values, "kl": kl,
             "advantages": advantages, "returns": returns}
 
 
 def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator, params: list,
           config: PPOConfig, budget: int | None) -> dict[str, float]:
-    """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics."""
+    """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics.
+
+    Each process takes `ppo.minibatch_size / N` of its rows per update; losses are means over the
+    response tokens of the whole minibatch (all processes), and so are the statistics, so every process
+    makes the same `target_kl` decision.
+    """
     ppo, train = config.ppo, config.train
+    world = accelerator.num_processes
     size = experience["input_ids"].shape[0]
+    local_minibatch = ppo.minibatch_size // world
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(ppo.epochs):
         epoch_kl, epoch_updates = 0.0, 0
         order = torch.randperm(size)
-        for start in range(0, size, ppo.minibatch_size):
-            rows = order[start:start + ppo.minibatch_size].to(experience["mask"].device)
-            total = experience["mask"][rows].sum().clamp(min=1)
+        for start in range(0, size, local_minibatch):
+            rows = order[start:start + local_minibatch].to(experience["mask"].device)
+            total = distributed.all_sum(experience["mask"][rows].sum()).clamp(min=1)
             pieces = row_pieces(experience["attention_mask"], rows, budget)
             stats: dict[str, torch.Tensor] = {}
             for i, (index, columns) in enumerate(pieces):
@@ -344,24 +392,27 @@ def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator
                                                          ppo.value_clip)
                 mean_entropy = masked_mean(entropy, take["mask"])
                 loss = (policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy) * weight
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the PPO loss became {float(loss.detach())}; try a lower learning rate, "
-                                        "reward clipping (reward.clip) or normalization (reward.normalize=true)")
                 sync = contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(module)
-                with sync:
-                    accelerator.backward(loss)
-                piece_stats = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": mean_entropy,
-                               **policy_stats, **value_stats}
+                with sync:  # gradients are averaged over processes: each contributes world x its share
+                    accelerator.backward(loss * world)
+                piece_stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
+                               "entropy": mean_entropy, **policy_stats, **value_stats}
                 for key, value in piece_stats.items():
-                    stats[key] = stats.get(key, 0.0) + value.detach() * weight
+                    stats[key] = stats.get(key, 0.0) + value.detach() * (1 if key == "loss" else weight)
+            keys = sorted(stats)
+            reduced = distributed.all_sum(torch.stack([stats[k].float() for k in keys]))
+            stats = dict(zip(keys, reduced.tolist()))
+            if not math.isfinite(stats.pop("loss")):  # seen by every process, so all stop together
+                raise TrainingError("the PPO loss became non-finite; try a lower learning rate, reward clipping "
+                                    "(reward.clip) or normalization (reward.normalize=true)")
             if train.max_grad_norm:
                 accelerator.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            epoch_kl += float(stats["approx_kl"])
+                sums[key] = sums.get(key, 0.0) + value
+            epoch_kl += stats["approx_kl"]
             epoch_updates += 1
             updates += 1
         if ppo.target_kl is not None and epoch_kl / epoch_updates > ppo.target_kl:

@@ -1,0 +1,139 @@
+"""One accelerate state per process, and the few cross-process reductions the recipes need.
+
+tunelab never builds process groups itself: `torchrun` or `accelerate launch` start the processes and
+set the environment, and accelerate forms the group. What is done here is to build that state once,
+first, with the right device (gloo on CPU-only machines, where accelerate would otherwise fall back
+to N independent single-process runs), and to refuse a launch that did not form a group.
+
+Every quantity that normalises a loss or decides something (item counts, non-finite checks, reward and
+advantage statistics, early stops) goes through `all_sum`, so N processes compute what one process
+computes on the whole batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import signal
+import sys
+from typing import Any
+
+import torch
+
+
+class LaunchError(RuntimeError):
+    """The processes were started but do not form one group; the message says how to launch."""
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher says it started (1 when not launched by torchrun / accelerate)."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _wants_cpu(world: int) -> bool:
+    """Use the CPU (gloo) for a multi-process launch on a machine without an accelerator, or when asked."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return world > 1 and not torch.accelerator.is_available()
+
+
+def _stop_with_launcher() -> None:
+    """Ask the kernel to end this worker when its launcher dies (torchrun starts workers in their own session,
+    so a killed launcher would otherwise leave them training and writing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def state():
+    """The process's accelerate `PartialState`, built on first use, before anything asks for a device."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        return PartialState()
+    world = launched_world_size()
+    current = PartialState(cpu=_wants_cpu(world))
+    if world > 1 and current.num_processes == 1:
+        raise LaunchError(
+            f"the launcher started {world} processes but they did not form one group (accelerate chose "
+            f"{current.distributed_type}); each would train alone. Launch with `torchrun --nproc_per_node N -m "
+            "tunelab ...` or `accelerate launch --config_file examples/accelerate/ddp.yaml -m tunelab ...`")
+    if current.num_processes > 1:
+        _stop_with_launcher()
+    return current
+
+
+def is_main() -> bool:
+    return state().is_main_process
+
+
+def rank() -> int:
+    return state().process_index
+
+
+def world_size() -> int:
+    return state().num_processes
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of a tensor over all processes (the tensor itself on one process)."""
+    if world_size() == 1:
+        return values
+    from accelerate.utils import reduce
+
+    return reduce(values.to(state().device), reduction="sum").to(values.device)
+
+
+def all_sum_floats(values: list[float]) -> list[float]:
+    """`all_sum` for a list of Python numbers (float64, so counts stay exact)."""
+    if world_size() == 1:
+        return list(values)
+    return all_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's first dimension over processes, in rank order (sizes may differ)."""
+    if world_size() == 1:
+        return tensor
+    from accelerate.utils import gather, pad_across_processes
+
+    device = state().device
+    sizes = gather(torch.tensor([tensor.shape[0]], device=device)).tolist()
+    padded = gather(pad_across_processes(tensor.to(device), dim=0))
+    width = max(sizes)
+    return torch.cat([padded[r * width:r * width + n] for r, n in enumerate(sizes)]).to(tensor.device)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """One picklable object from every process, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def wait() -> None:
+    state().wait_for_everyone()
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed that depends only on `parts` (e.g. seed, epoch, batch position), not on the process or history."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def log(text: str) -> None:
+    """Status lines go to stderr (stdout stays clean for results), from the main process only."""
+    if is_main():
+        print(text, file=sys.stderr, flush=True)
