@@ -1,0 +1,80 @@
+"""Runs the `tunelab` command under a launcher and records what each process saw, for the multi-process tests.
+
+    torchrun --nproc_per_node 2 tests/mp_worker.py RECORD_DIR sft --model ... --output ...
+
+Each process appends JSON lines to RECORD_DIR/rank-<r>.jsonl: its pid, the row indices of every batch the
+training loop collated, and for PPO the inputs and outputs of advantage whitening and of the logged
+statistics. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
+after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+RECORD_DIR = Path(sys.argv[1])
+
+
+def record(kind: str, **values) -> None:
+    from tunelab import distributed
+
+    with (RECORD_DIR / f"rank-{distributed.rank()}.jsonl").open("a") as handle:
+        handle.write(json.dumps({"kind": kind, **values}) + "\n")
+
+
+def tensor(value):
+    return value.detach().cpu().tolist()
+
+
+def install_recorders() -> None:
+    from tunelab import loop
+    from tunelab.recipes import ppo
+
+    train = loop.train
+    sleep = float(os.environ.get("TUNELAB_TEST_STEP_SLEEP", "0"))
+
+    def recording_train(**kwargs):
+        collate, step_fn = kwargs["collate"], kwargs["step_fn"]
+
+        def recording_collate(indices):
+            record("batch", rows=list(indices))
+            return collate(indices)
+
+        def slow_step(module, batch):
+            time.sleep(sleep)
+            return step_fn(module, batch)
+        return train(**{**kwargs, "collate": recording_collate, "step_fn": slow_step if sleep else step_fn})
+    loop.train = recording_train
+
+    whiten = ppo.masked_whiten
+
+    def recording_whiten(values, mask, *args, **kwargs):
+        result = whiten(values, mask, *args, **kwargs)
+        record("whiten", values=tensor(values), mask=tensor(mask), result=tensor(result))
+        return result
+    ppo.masked_whiten = recording_whiten
+
+    statistics = ppo.rollout_statistics
+
+    def recording_statistics(raw_scores, rollout, experience):
+        result = statistics(raw_scores, rollout, experience)
+        record("rollout", prompts=rollout.prompts, scores=tensor(raw_scores), kl=tensor(experience["kl"]),
+               mask=tensor(experience["mask"]), values=tensor(experience["values"]),
+               returns=tensor(experience["returns"]), ended=tensor(rollout.ended.float()), statistics=result)
+        return result
+    ppo.rollout_statistics = recording_statistics
+
+
+if __name__ == "__main__":
+    from tunelab import distributed
+    from tunelab.cli import main
+
+    RECORD_DIR.mkdir(parents=True, exist_ok=True)
+    distributed.state()
+    record("start", pid=os.getpid(), world=distributed.world_size())
+    install_recorders()
+    sys.exit(main(sys.argv[2:]))

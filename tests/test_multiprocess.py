@@ -1,0 +1,239 @@
+"""Two real processes (torchrun, gloo on the CPU) against one process doing the same work.
+
+N processes with batch B must give what one process gives with batch B and `grad_accum=N`: the same final
+weights, the same logged losses, each held-out row evaluated once. Every run here is tiny: a 2-layer,
+32-wide model, a few steps, one thread per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import instruction_rows, make_tiny_model_dir, write_jsonl
+from tests.recipes.test_reward import review_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "mp_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(nproc: int, record: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(record), *args]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+            **extra}
+
+
+def launch(nproc: int, record: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run `tunelab ARGS` on `nproc` processes; fails the test with the output if it does not exit 0."""
+    done = subprocess.run(launch_command(nproc, record, args), env=launch_env(**env), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def records(record: Path, rank: int, kind: str) -> list[dict]:
+    lines = (record / f"rank-{rank}.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(final / name)
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def assert_same_curves(one: Path, two: Path) -> None:
+    """Every logged loss and metric of the 2-process run equals the 1-process run's (throughput aside)."""
+    first, second = metrics(one), metrics(two)
+    assert [m["step"] for m in first] == [m["step"] for m in second]
+    for a, b in zip(first, second):
+        for key in a.keys() - {"tokens_per_s", "elapsed_s", "epoch", "split"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    model = make_tiny_model_dir(root / "model")
+    return {"root": root, "model": model,
+            "sft": write_jsonl(root / "sft.jsonl", instruction_rows(48)),
+            "pairs": write_jsonl(root / "pairs.jsonl", review_pairs(40)),
+            "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Write a review of Film {i}.\n"}
+                                                            for i in range(32)])}
+
+
+def common_args(world, recipe: str, data: str, **extra) -> list[str]:
+    return [recipe, "--model", str(world["model"]), "--data", str(world[data]), "--batch-size", "4", "--quiet",
+            "train.log_every=1", "train.report=false", "train.eval_every=2", *[f"{k}={v}" for k, v in extra.items()]]
+
+
+def test_sft_two_processes_equal_one_with_accumulation(world, tmp_path):
+    """LoRA with dropout on (its default 0.05): the masks follow the batch, not the process."""
+    args = common_args(world, "sft", "sft") + ["--max-steps", "5", "--lr", "1e-2"]
+    one = launch(1, tmp_path / "rec1", args + ["--output", str(tmp_path / "one"), "train.grad_accum=2"])
+    two = launch(2, tmp_path / "rec2", args + ["--output", str(tmp_path / "two")])
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-6
+    assert_same_curves(tmp_path / "one", tmp_path / "two")
+    assert len(metrics(tmp_path / "two")) == 5 + 3  # 5 steps, evals at steps 2, 4 and the end, each logged once
+    # one group of two, printing once; ranks take disjoint batches whose union is the 1-process run's
+    assert "processes: 2 (MULTI_CPU, gloo" in two.stderr and two.stderr.count("sft done") == 1
+    assert two.stdout.strip() == str(tmp_path / "two" / "final")
+    assert "4 examples per device x 1 accumulation x 2 processes = 8 per optimizer step" in two.stderr
+    assert "x 2 accumulation x 1 process = 8" in one.stderr
+    rank0, rank1 = ([b["rows"] for b in records(tmp_path / "rec2", r, "batch")] for r in (0, 1))
+    assert {i for b in rank0 for i in b}.isdisjoint({i for b in rank1 for i in b})
+    single = [b["rows"] for b in records(tmp_path / "rec1", 0, "batch")]
+    assert sorted(rank0 + rank1) == sorted(single) and len(single) == 10
+
+
+def test_reward_model_two_processes_equal_one(world, tmp_path):
+    args = common_args(world, "rm", "pairs") + ["--max-steps", "4", "--peft", "none", "--lr", "1e-3"]
+    launch(1, tmp_path / "rec1", args + ["--output", str(tmp_path / "one"), "train.grad_accum=2"])
+    launch(2, tmp_path / "rec2", args + ["--output", str(tmp_path / "two")])
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-6
+    assert_same_curves(tmp_path / "one", tmp_path / "two")
+
+
+def test_dpo_two_processes_equal_one_with_a_shared_out_reference_pass(world, tmp_path):
+    """Full fine-tuning: each process computes half of the reference log-probs before training."""
+    args = common_args(world, "dpo", "pairs") + ["--max-steps", "4", "--peft", "none", "--lr", "1e-3"]
+    launch(1, tmp_path / "rec1", args + ["--output", str(tmp_path / "one"), "train.grad_accum=2"])
+    two = launch(2, tmp_path / "rec2", args + ["--output", str(tmp_path / "two")])
+    assert "precomputed from the starting weights" in two.stderr
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-6
+    assert_same_curves(tmp_path / "one", tmp_path / "two")
+
+
+def test_resume_after_killing_the_launcher_matches_an_uninterrupted_run(world, tmp_path):
+    """Kill the launcher after a checkpoint: its workers stop too; resuming on 2 processes ends with the
+    weights of a run never interrupted (LoRA dropout on)."""
+    args = common_args(world, "sft", "sft") + ["--max-steps", "6", "--lr", "1e-2", "train.save_every=2",
+                                               "train.keep_last=5"]
+    launch(2, tmp_path / "rec-ref", args + ["--output", str(tmp_path / "ref")])
+
+    cut, record = tmp_path / "cut", tmp_path / "rec-cut"
+    launcher = subprocess.Popen(launch_command(2, record, args + ["--output", str(cut)]),
+                                env=launch_env(TUNELAB_TEST_STEP_SLEEP="0.5"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (cut / "checkpoints" / "step-2" / "state.json").is_file():
+            assert launcher.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGKILL)  # the launcher alone: its workers run in their own session
+        launcher.wait()
+        workers = [r["pid"] for rank in (0, 1) for r in records(record, rank, "start")]
+        deadline = time.time() + 30
+        while any(_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), "workers kept running after their launcher died"
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+    assert not (cut / "final").exists()
+    launch(2, tmp_path / "rec-resume", args + ["--output", str(cut), "--resume"])
+    assert max_weight_diff(tmp_path / "ref", cut) <= 1e-6
+    assert [m["step"] for m in metrics(cut)] == [m["step"] for m in metrics(tmp_path / "ref")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (dead, not yet reaped by init) counts as ended
+    status = Path(f"/proc/{pid}/stat")
+    return status.is_file() and status.read_text().split()[2] != "Z"
+
+
+def test_ppo_shares_prompts_and_computes_statistics_over_the_whole_batch(world, tmp_path):
+    from tunelab.losses import explained_variance, masked_whiten
+
+    args = ["ppo", "--model", str(world["model"]), "--data", str(world["prompts"]), "--reward",
+            "tests.recipes.test_ppo:letter_a_reward", "--output", str(tmp_path / "run"), "--max-steps", "2",
+            "--batch-size", "8", "--peft", "none", "--quiet", "train.report=false", "ppo.minibatch_size=4",
+            "ppo.epochs=2", "generation.max_new_tokens=6", "ppo.sample_every=1", "reward.normalize=true",
+            "data.eval_fraction=0"]
+    launch(2, tmp_path / "rec", args)
+    logged = metrics(tmp_path / "run")
+    assert [m["step"] for m in logged] == [1, 2]
+    samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 3  # 3 samples per iteration, from the main process alone
+    rollouts = [records(tmp_path / "rec", r, "rollout") for r in (0, 1)]
+    whitened = [records(tmp_path / "rec", r, "whiten") for r in (0, 1)]
+    for iteration in range(2):
+        first, second = rollouts[0][iteration], rollouts[1][iteration]
+        assert len(first["prompts"]) == len(second["prompts"]) == 4
+        assert set(first["prompts"]).isdisjoint(second["prompts"])
+        assert first["statistics"] == second["statistics"]  # every process logs the same global figures
+
+        def joined(parts: list[dict], key: str) -> torch.Tensor:  # rows of both processes, padded alike
+            tensors = [torch.tensor(p[key]) for p in parts]
+            if tensors[0].dim() == 1:
+                return torch.cat(tensors)
+            width = max(t.shape[1] for t in tensors)
+            return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+        pair = [first, second]
+        scores, kl, mask = joined(pair, "scores"), joined(pair, "kl"), joined(pair, "mask")
+        expected = {"score_mean": float(scores.mean()), "score_std": float(scores.std()),
+                    "kl": float((kl * mask).sum(1).mean()), "eos_rate": float(joined(pair, "ended").mean()),
+                    "response_length": float(mask.sum(1).mean()),
+                    "explained_variance": explained_variance(joined(pair, "values"), joined(pair, "returns"), mask)}
+        for key, value in expected.items():
+            assert first["statistics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+            assert logged[iteration][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        inputs = [whitened[r][iteration] for r in (0, 1)]
+        one_process = masked_whiten(joined(inputs, "values"), joined(inputs, "mask"))
+        assert torch.allclose(joined(inputs, "result"), one_process, atol=1e-5)
+        # and not what each process would get alone
+        alone = masked_whiten(torch.tensor(inputs[0]["values"]), torch.tensor(inputs[0]["mask"]))
+        assert not torch.allclose(alone, torch.tensor(inputs[0]["result"]), atol=1e-3)
+
+
+def test_a_launch_that_forms_no_group_is_an_error(monkeypatch):
+    """N processes that each come up alone would train N racing copies: refuse with how to launch."""
+    import accelerate
+
+    from tunelab import distributed
+
+    class Alone:  # what accelerate gives a process that joined no group
+        _shared_state: dict = {}
+        num_processes, distributed_type = 1, "DistributedType.NO"
+
+        def __init__(self, cpu: bool = False):
+            Alone.cpu = cpu
+
+    monkeypatch.setattr(accelerate, "PartialState", Alone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(distributed.LaunchError, match=r"started 2 processes but they did not form one group.*torchrun"):
+        distributed.state()
+    assert Alone.cpu == (not torch.accelerator.is_available())  # a CPU-only machine asks for gloo
