@@ -5,7 +5,8 @@
 Each process appends JSON lines to RECORD_DIR/rank-<r>.jsonl: its pid, the row indices of every batch the
 training loop collated, and for PPO the inputs and outputs of advantage whitening and of the logged
 statistics. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
-after a checkpoint.
+after a checkpoint. TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
+on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def install_recorders() -> None:
         def slow_step(module, batch):
             time.sleep(sleep)
             return step_fn(module, batch)
-        return train(**{**kwargs, "collate": recording_collate, "step_fn": slow_step if sleep else step_fn})
+        result = train(**{**kwargs, "collate": recording_collate, "step_fn": slow_step if sleep else step_fn})
+        record("prepared", module=type(result.module).__name__)
+        return result
     loop.train = recording_train
 
     whiten = ppo.masked_whiten
@@ -59,6 +62,12 @@ def install_recorders() -> None:
     ppo.masked_whiten = recording_whiten
 
     statistics = ppo.rollout_statistics
+    write_final = ppo.write_final
+
+    def recording_write_final(run, model, tokenizer, whole=None):
+        record("prepared", module=type(whole).__name__)
+        return write_final(run, model, tokenizer, whole=whole)
+    ppo.write_final = recording_write_final
 
     def recording_statistics(raw_scores, rollout, experience):
         result = statistics(raw_scores, rollout, experience)
@@ -69,6 +78,26 @@ def install_recorders() -> None:
     ppo.rollout_statistics = recording_statistics
 
 
+def force_fsdp2() -> None:
+    """Make every `Accelerator()` tunelab builds an FSDP2 one (what `--config_file fsdp2.yaml` gives on GPUs)."""
+    import accelerate
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class FSDP2Accelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+                transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True,
+                state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+            super().__init__(*args, fsdp_plugin=plugin, **kwargs)
+            # accelerate turns FSDP on only for GPU-like process groups
+            self.state.distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerate.Accelerator = FSDP2Accelerator
+
+
 if __name__ == "__main__":
     from tunelab import distributed
     from tunelab.cli import main
@@ -77,4 +106,6 @@ if __name__ == "__main__":
     distributed.state()
     record("start", pid=os.getpid(), world=distributed.world_size())
     install_recorders()
+    if os.environ.get("TUNELAB_TEST_ENGINE") == "fsdp2":
+        force_fsdp2()
     sys.exit(main(sys.argv[2:]))

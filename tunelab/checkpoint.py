@@ -152,24 +152,40 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that training changes, by name, on the CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
 
 
 def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, scheduler, position: dict,
                     keep_last: int) -> Path:
     """Write checkpoint `step-<step>` atomically, then delete all but the newest `keep_last`.
 
-    Called on every process: each one's RNG state is gathered, and the main process writes it all
-    (`rng-<rank>.safetensors`, one per process) while the others wait.
+    Called on every process: each one's RNG state is gathered, sharded weights and optimizer state
+    (FSDP2) are gathered whole, and the main process writes it all (`rng-<rank>.safetensors`, one per
+    process) while the others wait.
     """
     from tunelab import distributed
 
     target = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
     rng_states = distributed.gather_objects(_rng_state())
+    sharded = bool(distributed.fsdp_units(module))
+    if sharded:  # every process joins in gathering whole tensors; the main process receives them
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(module, options=whole)
+        optimizer_state = get_optimizer_state_dict(module, _torch_optimizer(optimizer), options=whole)
+    else:
+        with distributed.gathered(module):
+            weights = trainable_state(module) if distributed.is_main() else None
     if distributed.is_main():
         with atomic_dir(target) as tmp:
-            save_file(trainable_state(module), tmp / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, tmp / "trainable.safetensors")
+            torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             for rank, (tensors, _) in enumerate(rng_states):
                 save_file(tensors, tmp / f"rng-{rank}.safetensors")
@@ -182,8 +198,9 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
 
 
 def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint; return its state
-    (step, position, ...). Every process reads the same files (a shared file system across nodes)."""
+    """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint into a prepared
+    module and optimizer; return the checkpoint's state (step, position, ...). Every process reads the
+    same files (a shared file system across nodes)."""
     from tunelab import distributed
 
     state = json.loads((path / "state.json").read_text())
@@ -194,10 +211,19 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict
     if missing or unknown:
         raise RunDirError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
                           f"unexpected {unknown[:3]} (was the config changed since it was written?)")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if distributed.fsdp_units(module):  # whole tensors in the files, each process keeps its shard
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(module, _torch_optimizer(optimizer), optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_plain, saved_world, rank = state.pop("rng"), state.pop("world_size"), distributed.rank()
     if saved_world != distributed.world_size():

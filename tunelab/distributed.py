@@ -12,6 +12,7 @@ computes on the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -131,6 +132,83 @@ def derived_seed(*parts: object) -> int:
     """A seed that depends only on `parts` (e.g. seed, epoch, batch position), not on the process or history."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def fsdp_units(module) -> list:
+    """The FSDP2-sharded submodules of `module` (none unless accelerate prepared it with FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def zero3_parameters(module) -> list:
+    """Parameters that DeepSpeed ZeRO-3 has partitioned across processes (none otherwise)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def in_lockstep(module) -> bool:
+    """True when `module`'s parameters are sharded (FSDP2, ZeRO-3): every forward pass is then a collective,
+    so all processes must run the same number of them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    first = next(module.parameters(), None)
+    if first is not None and hasattr(first, "ds_id"):
+        return True
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gathered(module):
+    """Whole parameters on every process for the block: for generation, a reference pass or saving, where
+    a sharded model (FSDP2, ZeRO-3) would otherwise need every process in every forward. Nothing to do
+    for DDP or one process. Every process must enter it (gathering is a collective)."""
+    units = fsdp_units(module)
+    partitioned = zero3_parameters(module) if not units else []
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            yield module
+        return
+    if units and units[0] is module:
+        # FSDP2 sets itself up on the root's first forward; a call into an inner module before that
+        # (generation before any training pass) would make the inner unit a root of its own
+        module._get_fsdp_state()._lazy_init()
+    # each unit's own setting, to put back after (FSDP2 keeps the root unsharded between forward and backward)
+    resharding = [_reshards_after_forward(unit) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit, reshard in zip(units, resharding):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+def _reshards_after_forward(unit) -> bool:
+    group = unit._get_fsdp_state()._fsdp_param_group
+    return group is not None and group.post_forward_mesh_info is not None
+
+
+def whole_state_dict(root, inner) -> dict | None:
+    """`inner`'s state dict with whole tensors, where `root` (the prepared module holding it) is sharded.
+
+    Every process must call it; the main process gets the dict, the others an empty one. None when
+    nothing is sharded (the model's own state dict is whole).
+    """
+    if fsdp_units(root):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        prefix = next(name for name, m in root.named_modules() if m is inner)
+        state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        cut = len(prefix) + 1 if prefix else 0
+        return {k[cut:]: v for k, v in state.items() if not prefix or k.startswith(prefix + ".")}
+    if zero3_parameters(root):
+        with gathered(root):
+            return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()} if is_main() else {}
+    return None
 
 
 def log(text: str) -> None:

@@ -102,9 +102,12 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     from tunelab.modeling import is_prompt_learning
 
+    from tunelab.distributed import in_lockstep
+
     trunk, _ = trunk_and_head(model)
     if not is_prompt_learning(model):
-        buckets = length_buckets(attention_mask)
+        # a sharded trunk runs once per call on every process, whatever its rows' lengths
+        buckets = length_buckets(attention_mask) if not in_lockstep(trunk) else []
         if len(buckets) > 1:  # rows of very different lengths: run each bucket at its own length
             parts = [F.pad(trunk(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
                                  position_ids=position_ids_from_mask(attention_mask[rows, :length]),

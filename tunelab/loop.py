@@ -44,6 +44,7 @@ class TrainResult:
     train_loss: float | None
     eval_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    module: nn.Module | None = None  # as prepared (possibly sharded): `write_final` gathers it
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -211,18 +212,19 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
         optimizer, lambda s: lr_factor(s, warmup, total, config.schedule))
     distributed.log(describe_batch(world, config.batch_size, config.grad_accum))
 
+    module, optimizer = accelerator.prepare(module, optimizer)
+    raw_module = accelerator.unwrap_model(module)
     step, epoch, position = 0, 0, 0
-    if resume:
+    if resume:  # into the prepared model and optimizer: a sharding wrapper replaces the parameters
         checkpoint = run.latest_checkpoint()
-        state = load_checkpoint(checkpoint, module, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, raw_module, optimizer, scheduler)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         if accelerator.is_main_process:
             run.trim_metrics(step)
         distributed.log(f"resumed from {checkpoint} (step {step}/{total})")
-    module, optimizer = accelerator.prepare(module, optimizer)
-    raw_module = accelerator.unwrap_model(module)
     # clipping reads the parameters the prepared model trains (a sharding wrapper replaces them)
     params = [p for p in module.parameters() if p.requires_grad]
+    lockstep = distributed.in_lockstep(module)
 
     def checkpoint_now() -> None:
         save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
@@ -248,25 +250,28 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
             batches = plan(epoch)
             while len(batches) - position >= world and step < total:
                 consumed = batches[position:position + span]
-                group = [(index, piece) for index in range(rank, len(consumed), world)
-                         for piece in enumerate(_micro_batches(collate(consumed[index])))]
+                group = [(index, piece, batch, 1.0) for index in range(rank, len(consumed), world)
+                         for piece, batch in enumerate(_micro_batches(collate(consumed[index])))]
+                if lockstep:  # as many passes as the busiest process: the extra ones repeat a batch, weighted 0
+                    busiest = max(distributed.gather_objects(len(group)))
+                    group += [(*group[0][:3], 0.0)] * (busiest - len(group))
                 # the loss is a mean over every item of the step, on all processes together
-                n_items = distributed.all_sum_floats([sum(b["n_items"] for _, (_, b) in group)])[0] or 1
-                loss_total, sums = 0.0, {}
-                for i, (index, (piece, batch)) in enumerate(group):
+                n_items = distributed.all_sum_floats([sum(b["n_items"] * w for _, _, b, w in group)])[0] or 1
+                loss_total, n_tokens, sums = 0.0, 0, {}
+                for i, (index, piece, batch, weight) in enumerate(group):
                     torch.manual_seed(distributed.derived_seed(config.seed, epoch, position + index, piece))
                     sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(module)
                     with sync:
                         with autocast():
                             loss_sum, metrics = step_fn(module, to_device(batch, device))
                         # gradients are averaged over processes, so each contributes world x its share
-                        accelerator.backward(loss_sum * (world / n_items))
-                    loss_total += float(loss_sum.detach())
+                        accelerator.backward(loss_sum * (weight * world / n_items))
+                    loss_total += weight * float(loss_sum.detach())
+                    n_tokens += weight * batch["n_tokens"]
                     for key, metric in metrics.items():  # per-item means, weighted by the micro-batch's items
-                        sums[key] = sums.get(key, 0.0) + metric * batch["n_items"]
+                        sums[key] = sums.get(key, 0.0) + weight * metric * batch["n_items"]
                 keys = sorted(sums)
-                reduced = distributed.all_sum_floats(
-                    [loss_total, sum(b["n_tokens"] for _, (_, b) in group)] + [sums[k] for k in keys])
+                reduced = distributed.all_sum_floats([loss_total, n_tokens] + [sums[k] for k in keys])
                 if not math.isfinite(reduced[0]):  # seen by every process, so none waits in a collective
                     good = run.latest_checkpoint()
                     raise TrainingError(
@@ -320,5 +325,5 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     eval_metrics = run_eval()
     if accelerator.is_main_process:
         report_at_end(run.path, config.report)
-    return TrainResult(step, last_loss, eval_metrics, time.time() - started)
+    return TrainResult(step, last_loss, eval_metrics, time.time() - started, module)
 

@@ -162,9 +162,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(size(p) for p in model.parameters())
 
 
-def save_pretrained(model: nn.Module, tokenizer, directory: Path) -> None:
-    """Write the model (or LoRA adapter) and tokenizer so that transformers/peft load them directly."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_pretrained(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """Write the model (or LoRA adapter) and tokenizer so that transformers/peft load them directly.
+
+    `state_dict`: the model's weights gathered whole, where training sharded them."""
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(directory)
 
 

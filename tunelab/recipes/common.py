@@ -141,10 +141,15 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
                  desc=desc)
 
 
-def write_final(run: RunDir, model, tokenizer) -> Path:
-    """Save the trained model (or adapter) and tokenizer to final/, atomically (the main process writes)."""
+def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -> Path:
+    """Save the trained model (or adapter) and tokenizer to final/, atomically.
+
+    `whole` is the prepared module holding `model` (sharded under FSDP2 or ZeRO-3): every process joins
+    in gathering its parameters, and the main process writes.
+    """
+    state = distributed.whole_state_dict(whole, model) if whole is not None else None
     if distributed.is_main():
         with atomic_dir(run.final) as tmp:
-            save_pretrained(model, tokenizer, tmp)
+            save_pretrained(model, tokenizer, tmp, state_dict=state)
     distributed.wait()
     return run.final

@@ -223,17 +223,17 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_updates, train.schedule))
     controller = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    raw = accelerator.unwrap_model(module)
     iteration, epoch, position = 0, 0, 0
     if resume:
-        state = load_checkpoint(run.latest_checkpoint(), module, optimizer, scheduler)
+        state = load_checkpoint(run.latest_checkpoint(), raw, optimizer, scheduler)
         iteration, epoch, position, controller.value = state["step"], state["epoch"], state["position"], \
             state["kl_coef"]
         if accelerator.is_main_process:
             run.trim_metrics(iteration)
             trim_jsonl(run.path / "samples.jsonl", iteration)
         log(f"resumed at iteration {iteration}/{iterations}")
-    module, optimizer = accelerator.prepare(module, optimizer)
-    raw = accelerator.unwrap_model(module)
     params = [p for p in module.parameters() if p.requires_grad]
     device = accelerator.device
     if ref_model is not None:
@@ -244,7 +244,9 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     if rank and not resume:  # every process samples from its own stream; the main one keeps one process's
         torch.manual_seed(distributed.derived_seed(train.seed, "rollout", rank))
     plan = batch_plan(data, [1] * len(data.train), config)
-    budget = micro_batch_budget(config, raw.policy, device)
+    # sharded weights need every process in every forward pass: one pass per minibatch instead of
+    # length-cut micro-batches, whose number differs between processes
+    budget = micro_batch_budget(config, raw.policy, device) if not distributed.in_lockstep(module) else None
     lengths = LengthSampler(gen.length_sampler_min or gen.max_new_tokens, gen.max_new_tokens)
     progress = Progress(iterations, iteration, quiet, train.log_every, "ppo")
     history: list[dict] = []
@@ -263,9 +265,11 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
             prompts = [data.train[i] for i in batches[position][rank * share:(rank + 1) * share]]
             rng = random.Random(f"{train.seed}-length-{iteration}")  # the same length limit on every process
             started = time.time()
-            rollout = sample_rollouts(raw.policy, tokenizer, prompts, max_new_tokens=lengths(rng),
-                                      min_new_tokens=gen.min_new_tokens, temperature=gen.temperature,
-                                      top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty)
+            with distributed.gathered(raw):  # a sharded policy generates with whole weights
+                rollout = sample_rollouts(raw.policy, tokenizer, prompts, max_new_tokens=lengths(rng),
+                                          min_new_tokens=gen.min_new_tokens, temperature=gen.temperature,
+                                          top_k=gen.top_k, top_p=gen.top_p,
+                                          repetition_penalty=gen.repetition_penalty)
             raw_scores = torch.tensor(reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
             scores = shape_scores(raw_scores, rollout.ended, config, distributed.all_gather).to(device)
             experience = make_experience(module, raw, ref_model, rollout, scores, controller.value, config, device,
@@ -299,7 +303,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
         log(f"\ninterrupted at iteration {iteration}: checkpoint saved in {run.checkpoints}; rerun with --resume")
         raise
     progress.close()
-    final = write_final(run, policy, tokenizer)
+    final = write_final(run, policy, tokenizer, whole=raw)
     if accelerator.is_main_process:
         report_at_end(run.path, train.report)
     if history:
