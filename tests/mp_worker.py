@@ -33,6 +33,7 @@ def tensor(value):
 
 def install_recorders() -> None:
     from tunelab import loop
+    from tunelab.distributed import fsdp_units
     from tunelab.recipes import ppo
 
     train = loop.train
@@ -49,7 +50,7 @@ def install_recorders() -> None:
             time.sleep(sleep)
             return step_fn(module, batch)
         result = train(**{**kwargs, "collate": recording_collate, "step_fn": slow_step if sleep else step_fn})
-        record("prepared", module=type(result.module).__name__)
+        record("prepared", module=type(result.module).__name__, units=len(fsdp_units(result.module)))
         return result
     loop.train = recording_train
 
@@ -65,7 +66,7 @@ def install_recorders() -> None:
     write_final = ppo.write_final
 
     def recording_write_final(run, model, tokenizer, whole=None):
-        record("prepared", module=type(whole).__name__)
+        record("prepared", module=type(whole).__name__, units=len(fsdp_units(whole)))
         return write_final(run, model, tokenizer, whole=whole)
     ppo.write_final = recording_write_final
 
@@ -87,8 +88,8 @@ def force_fsdp2() -> None:
     class FSDP2Accelerator(accelerate.Accelerator):
         def __init__(self, *args, **kwargs):
             plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP",
-                transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True,
+                # the block class to wrap comes from the model, as with examples/accelerate/fsdp2.yaml
+                fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP", reshard_after_forward=True,
                 state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
             super().__init__(*args, fsdp_plugin=plugin, **kwargs)
             # accelerate turns FSDP on only for GPU-like process groups

@@ -241,7 +241,8 @@ def test_a_launch_that_forms_no_group_is_an_error(monkeypatch):
 
 def fsdp2_launch(record: Path, args: list[str]) -> subprocess.CompletedProcess:
     done = launch(2, record, args, TUNELAB_TEST_ENGINE="fsdp2")
-    assert records(record, 0, "prepared")[0]["module"].startswith("FSDP")  # the model really was sharded
+    prepared = records(record, 0, "prepared")[0]
+    assert prepared["module"].startswith("FSDP") and prepared["units"] == 3  # the root and each decoder layer
     return done
 
 

@@ -154,5 +154,8 @@ class LogprobModel(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    # FSDP's transformer auto-wrap reads the block classes to shard from the model it is given
+    _no_split_modules = property(lambda self: getattr(self.model, "_no_split_modules", None))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         return token_logprobs(self.model, input_ids, attention_mask, loss_mask, self.chunk_size)

@@ -50,6 +50,9 @@ class RewardModule(nn.Module):
         super().__init__()
         self.model = model
 
+    # FSDP's transformer auto-wrap reads the block classes to shard from the model it is given
+    _no_split_modules = property(lambda self: getattr(self.model, "_no_split_modules", None))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return sequence_scores(self.model, input_ids, attention_mask)
 

@@ -65,6 +65,9 @@ class PolicyWithValueHead(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
             nn.init.zeros_(self.value_head.bias)
 
+    # FSDP's transformer auto-wrap reads the block classes to shard from the model it is given
+    _no_split_modules = property(lambda self: getattr(self.policy, "_no_split_modules", None))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`[B, T]` inputs -> (log-probs, values, entropy), each `[B, T]`, 0 where loss_mask is 0.
