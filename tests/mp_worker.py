@@ -6,7 +6,8 @@ Each process appends JSON lines to RECORD_DIR/rank-<r>.jsonl: its pid, the row i
 training loop collated, and for PPO the inputs and outputs of advantage whitening and of the logged
 statistics. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
 after a checkpoint. TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
-on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU).
+on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU);
+TUNELAB_TEST_ENGINE=zero2 or zero3 does the same for DeepSpeed ZeRO (on DeepSpeed's CPU accelerator).
 """
 
 from __future__ import annotations
@@ -99,14 +100,28 @@ def force_fsdp2() -> None:
     accelerate.Accelerator = FSDP2Accelerator
 
 
+def start_deepspeed(stage: int) -> None:
+    """The state `accelerate launch --config_file zero<stage>.yaml` builds, on a gloo group."""
+    from accelerate.state import PartialState
+
+    os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
+                       "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true" if stage == 3 else "false",
+                       "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true" if stage == 3 else "false",
+                       "ACCELERATE_TORCH_DEVICE": "cpu"})
+    PartialState(backend="gloo")
+
+
 if __name__ == "__main__":
     from tunelab import distributed
     from tunelab.cli import main
 
     RECORD_DIR.mkdir(parents=True, exist_ok=True)
+    engine = os.environ.get("TUNELAB_TEST_ENGINE", "")
+    if engine.startswith("zero"):
+        start_deepspeed(int(engine[-1]))
     distributed.state()
     record("start", pid=os.getpid(), world=distributed.world_size())
     install_recorders()
-    if os.environ.get("TUNELAB_TEST_ENGINE") == "fsdp2":
+    if engine == "fsdp2":
         force_fsdp2()
     sys.exit(main(sys.argv[2:]))

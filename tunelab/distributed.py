@@ -134,6 +134,43 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(accelerator, batch_size: int, max_grad_norm: float | None) -> None:
+    """Fill a DeepSpeed config for tunelab's loop before `prepare`: tunelab feeds its own micro-batches
+    (no dataloader), accumulates and normalises itself (DeepSpeed's accumulation stays 1, so it does not
+    rescale the loss) and clips at `train.max_grad_norm` (which DeepSpeed applies in its step). An
+    optimizer or scheduler section would replace tunelab's own: dropped."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = batch_size * accelerator.num_processes
+    config["gradient_clipping"] = max_grad_norm or 0.0
+    for section in ("optimizer", "scheduler"):
+        config.pop(section, None)
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, module, last: bool):
+    """One micro-batch's backward inside an optimizer step: only the last one synchronises gradients
+    (DDP, FSDP) or, under DeepSpeed, reduces them and steps the engine."""
+    if uses_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    elif last:
+        yield
+    else:
+        with accelerator.no_sync(module):
+            yield
+
+
 def fsdp_units(module) -> list:
     """The FSDP2-sharded submodules of `module` (none unless accelerate prepared it with FSDP2)."""
     from torch.distributed.fsdp import FSDPModule
@@ -158,12 +195,19 @@ def in_lockstep(module) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(module):
+def gathered(module, generation: bool = False):
     """Whole parameters on every process for the block: for generation, a reference pass or saving, where
     a sharded model (FSDP2, ZeRO-3) would otherwise need every process in every forward. Nothing to do
-    for DDP or one process. Every process must enter it (gathering is a collective)."""
+    for DDP or one process. Every process must enter it (gathering is a collective).
+
+    For `generation` under ZeRO-3 the parameters stay partitioned: DeepSpeed's own hooks fetch them
+    layer by layer, and transformers' `generate` keeps the processes in step (synced_gpus) until all end.
+    """
     units = fsdp_units(module)
     partitioned = zero3_parameters(module) if not units else []
+    if partitioned and generation:
+        yield module
+        return
     if partitioned:
         import deepspeed
 

@@ -212,6 +212,9 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
         optimizer, lambda s: lr_factor(s, warmup, total, config.schedule))
     distributed.log(describe_batch(world, config.batch_size, config.grad_accum))
 
+    deepspeed = distributed.uses_deepspeed(accelerator)
+    if deepspeed:
+        distributed.configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     module, optimizer = accelerator.prepare(module, optimizer)
     raw_module = accelerator.unwrap_model(module)
     step, epoch, position = 0, 0, 0
@@ -224,7 +227,9 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
         distributed.log(f"resumed from {checkpoint} (step {step}/{total})")
     # clipping reads the parameters the prepared model trains (a sharding wrapper replaces them)
     params = [p for p in module.parameters() if p.requires_grad]
-    lockstep = distributed.in_lockstep(module)
+    # sharded weights need every process in every forward pass, and DeepSpeed reduces gradients in
+    # every backward: then all processes run as many micro-batches per step
+    lockstep = deepspeed or distributed.in_lockstep(module)
 
     def checkpoint_now() -> None:
         save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
@@ -260,8 +265,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 loss_total, n_tokens, sums = 0.0, 0, {}
                 for i, (index, piece, batch, weight) in enumerate(group):
                     torch.manual_seed(distributed.derived_seed(config.seed, epoch, position + index, piece))
-                    sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(module)
-                    with sync:
+                    with distributed.micro_batch(accelerator, module, last=i == len(group) - 1):
                         with autocast():
                             loss_sum, metrics = step_fn(module, to_device(batch, device))
                         # gradients are averaged over processes, so each contributes world x its share
@@ -281,8 +285,9 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 step_loss = reduced[0] / n_items
                 sums = {k: v / n_items for k, v in zip(keys, reduced[2:])}
                 grad_norm = None
-                if config.max_grad_norm:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+                if config.max_grad_norm:  # (DeepSpeed has clipped in its step and reports the norm)
+                    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = float(norm) if norm is not None else None
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,6 @@ copy of the base weights serves all three roles. With full fine-tuning the refer
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -226,6 +225,9 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_updates, train.schedule))
     controller = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+    deepspeed = distributed.uses_deepspeed(accelerator)
+    if deepspeed:
+        distributed.configure_deepspeed(accelerator, ppo.minibatch_size // world, train.max_grad_norm)
     module, optimizer = accelerator.prepare(module, optimizer)
     raw = accelerator.unwrap_model(module)
     iteration, epoch, position = 0, 0, 0
@@ -249,7 +251,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     plan = batch_plan(data, [1] * len(data.train), config)
     # sharded weights need every process in every forward pass: one pass per minibatch instead of
     # length-cut micro-batches, whose number differs between processes
-    budget = micro_batch_budget(config, raw.policy, device) if not distributed.in_lockstep(module) else None
+    lockstep = deepspeed or distributed.in_lockstep(module)
+    budget = micro_batch_budget(config, raw.policy, device) if not lockstep else None
     lengths = LengthSampler(gen.length_sampler_min or gen.max_new_tokens, gen.max_new_tokens)
     progress = Progress(iterations, iteration, quiet, train.log_every, "ppo")
     history: list[dict] = []
@@ -268,7 +271,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
             prompts = [data.train[i] for i in batches[position][rank * share:(rank + 1) * share]]
             rng = random.Random(f"{train.seed}-length-{iteration}")  # the same length limit on every process
             started = time.time()
-            with distributed.gathered(raw):  # a sharded policy generates with whole weights
+            with distributed.gathered(raw, generation=True):  # a sharded policy generates with whole weights
                 rollout = sample_rollouts(raw.policy, tokenizer, prompts, max_new_tokens=lengths(rng),
                                           min_new_tokens=gen.min_new_tokens, temperature=gen.temperature,
                                           top_k=gen.top_k, top_p=gen.top_p,
@@ -399,8 +402,8 @@ def learn(module: nn.Module, experience: dict, optimizer, scheduler, accelerator
                                                          ppo.value_clip)
                 mean_entropy = masked_mean(entropy, take["mask"])
                 loss = (policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy) * weight
-                sync = contextlib.nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(module)
-                with sync:  # gradients are averaged over processes: each contributes world x its share
+                with distributed.micro_batch(accelerator, module, last=i == len(pieces) - 1):
+                    # gradients are averaged over processes: each contributes world x its share
                     accelerator.backward(loss * world)
                 piece_stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
                                "entropy": mean_entropy, **policy_stats, **value_stats}
