@@ -159,17 +159,29 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
 
 
+ENGINE_DIR = "deepspeed"
+
+
 def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, scheduler, position: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, engine=None) -> Path:
     """Write checkpoint `step-<step>` atomically, then delete all but the newest `keep_last`.
 
     Called on every process: each one's RNG state is gathered, sharded weights and optimizer state
     (FSDP2) are gathered whole, and the main process writes it all (`rng-<rank>.safetensors`, one per
-    process) while the others wait.
+    process) while the others wait. A DeepSpeed `engine` writes its partitioned optimizer state itself,
+    every process its own part, into `deepspeed/` (resuming it needs the same number of processes).
     """
     from tunelab import distributed
 
     target = run.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+    staging = target.parent / f".tmp-{target.name}-engine"
+    if engine is not None:  # a folder every process can name, moved into the checkpoint below
+        if distributed.is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        distributed.wait()
+        engine.save_checkpoint(str(staging), tag=ENGINE_DIR)
+        distributed.wait()
     rng_states = distributed.gather_objects(_rng_state())
     sharded = bool(distributed.fsdp_units(module))
     if sharded:  # every process joins in gathering whole tensors; the main process receives them
@@ -185,7 +197,11 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
     if distributed.is_main():
         with atomic_dir(target) as tmp:
             save_file(weights, tmp / "trainable.safetensors")
-            torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
+            if engine is not None:
+                os.replace(staging / ENGINE_DIR, tmp / ENGINE_DIR)
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             for rank, (tensors, _) in enumerate(rng_states):
                 save_file(tensors, tmp / f"rng-{rank}.safetensors")
@@ -197,10 +213,10 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
     return target
 
 
-def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler, engine=None) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG from a checkpoint into a prepared
-    module and optimizer; return the checkpoint's state (step, position, ...). Every process reads the
-    same files (a shared file system across nodes)."""
+    module and optimizer (or DeepSpeed `engine`); return the checkpoint's state (step, position, ...).
+    Every process reads the same files (a shared file system across nodes)."""
     from tunelab import distributed
 
     state = json.loads((path / "state.json").read_text())
@@ -211,8 +227,17 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict
     if missing or unknown:
         raise RunDirError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
                           f"unexpected {unknown[:3]} (was the config changed since it was written?)")
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    if distributed.fsdp_units(module):  # whole tensors in the files, each process keeps its shard
+    if engine is not None:
+        if not (path / ENGINE_DIR).is_dir():
+            raise RunDirError(f"checkpoint {path} was not written under DeepSpeed; resume it with the engine "
+                              "that wrote it")
+        saved = state["world_size"]
+        if saved != distributed.world_size():
+            raise RunDirError(f"checkpoint {path} holds DeepSpeed optimizer state partitioned over {saved} "
+                              f"processes; resume it with {saved} processes, not {distributed.world_size()}")
+        engine.load_checkpoint(str(path), tag=ENGINE_DIR)  # weights and partitioned optimizer state
+    elif distributed.fsdp_units(module):
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)  # whole tensors in the files, each process keeps its shard
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
@@ -223,7 +248,7 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_plain, saved_world, rank = state.pop("rng"), state.pop("world_size"), distributed.rank()
     if saved_world != distributed.world_size():

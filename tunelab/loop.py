@@ -220,7 +220,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     step, epoch, position = 0, 0, 0
     if resume:  # into the prepared model and optimizer: a sharding wrapper replaces the parameters
         checkpoint = run.latest_checkpoint()
-        state = load_checkpoint(checkpoint, raw_module, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, raw_module, optimizer, scheduler, engine=module if deepspeed else None)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         if accelerator.is_main_process:
             run.trim_metrics(step)
@@ -233,7 +233,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
 
     def checkpoint_now() -> None:
         save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
-                        config.keep_last)
+                        config.keep_last, engine=module if deepspeed else None)
 
     def run_eval() -> dict[str, float]:
         if not eval_batches:

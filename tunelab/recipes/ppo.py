@@ -232,7 +232,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     raw = accelerator.unwrap_model(module)
     iteration, epoch, position = 0, 0, 0
     if resume:
-        state = load_checkpoint(run.latest_checkpoint(), raw, optimizer, scheduler)
+        state = load_checkpoint(run.latest_checkpoint(), raw, optimizer, scheduler,
+                                engine=module if deepspeed else None)
         iteration, epoch, position, controller.value = state["step"], state["epoch"], state["position"], \
             state["kl_coef"]
         if accelerator.is_main_process:
@@ -259,7 +260,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
 
     def checkpoint_now() -> None:
         save_checkpoint(run, iteration, raw, optimizer, scheduler,
-                        {"epoch": epoch, "position": position, "kl_coef": controller.value}, train.keep_last)
+                        {"epoch": epoch, "position": position, "kl_coef": controller.value}, train.keep_last,
+                        engine=module if deepspeed else None)
 
     try:
         while iteration < iterations:
