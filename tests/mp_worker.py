@@ -5,7 +5,8 @@
 Each process appends JSON lines to RECORD_DIR/rank-<r>.jsonl: its pid, the row indices of every batch the
 training loop collated, and for PPO the inputs and outputs of advantage whitening and of the logged
 statistics. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
-after a checkpoint. TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
+after a checkpoint; TUNELAB_TEST_NAN_AT=RANK:CALL makes one step-function call of one process give NaN.
+TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
 on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU);
 TUNELAB_TEST_ENGINE=zero2 or zero3 does the same for DeepSpeed ZeRO (on DeepSpeed's CPU accelerator).
 """
@@ -33,12 +34,13 @@ def tensor(value):
 
 
 def install_recorders() -> None:
-    from tunelab import loop
+    from tunelab import distributed, loop
     from tunelab.distributed import fsdp_units
     from tunelab.recipes import ppo
 
     train = loop.train
     sleep = float(os.environ.get("TUNELAB_TEST_STEP_SLEEP", "0"))
+    poison = os.environ.get("TUNELAB_TEST_NAN_AT", "")  # RANK:CALL, the step-function call that gives NaN
 
     def recording_train(**kwargs):
         collate, step_fn = kwargs["collate"], kwargs["step_fn"]
@@ -47,10 +49,16 @@ def install_recorders() -> None:
             record("batch", rows=list(indices))
             return collate(indices)
 
-        def slow_step(module, batch):
+        calls = {"n": 0}
+
+        def test_step(module, batch):
             time.sleep(sleep)
-            return step_fn(module, batch)
-        result = train(**{**kwargs, "collate": recording_collate, "step_fn": slow_step if sleep else step_fn})
+            loss_sum, metrics = step_fn(module, batch)
+            calls["n"] += 1
+            if f"{distributed.rank()}:{calls['n']}" == poison:  # a NaN on this process only
+                loss_sum = loss_sum * float("nan")
+            return loss_sum, metrics
+        result = train(**{**kwargs, "collate": recording_collate, "step_fn": test_step})
         record("prepared", module=type(result.module).__name__, units=len(fsdp_units(result.module)))
         return result
     loop.train = recording_train

@@ -165,6 +165,18 @@ def test_resume_after_killing_the_launcher_matches_an_uninterrupted_run(world, t
     assert [m["step"] for m in metrics(cut)] == [m["step"] for m in metrics(tmp_path / "ref")]
 
 
+def test_a_nan_on_one_process_stops_both_with_the_message(world, tmp_path):
+    args = common_args(world, "sft", "sft") + ["--max-steps", "6", "train.save_every=2", "train.eval_every=0",
+                                               "--output", str(tmp_path / "run")]
+    done = subprocess.run(launch_command(2, tmp_path / "rec", args), env=launch_env(TUNELAB_TEST_NAN_AT="1:3"),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    # rank 1's third batch is step 3: both processes stop there, neither waits in a collective
+    assert done.stderr.count("error: the loss became nan at step 3") == 2, done.stderr[-3000:]
+    assert "Last good checkpoint: " + str(tmp_path / "run" / "checkpoints" / "step-2") in done.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

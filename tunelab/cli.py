@@ -9,6 +9,7 @@ and `key=value` overrides reach every field of the config (see each verb's --hel
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -340,6 +341,15 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # DeepSpeed (where installed, libraries import it on their own) logs to stdout, which carries
+    # tunelab's results: its warnings go to stderr instead, its info lines nowhere
+    logging.getLogger("DeepSpeed").addFilter(_deepspeed_to_stderr)
+
+
+def _deepspeed_to_stderr(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+        print(f"deepspeed: {record.getMessage()}", file=sys.stderr)
+    return False
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
