@@ -326,14 +326,17 @@ def test_deepspeed_zero3_accumulates_saves_and_resumes_like_ddp(world, tmp_path)
     assert max_weight_diff(tmp_path / "z3", cut) <= 1e-6
 
 
-def test_deepspeed_zero2_ppo_with_lora_matches_ddp(world, tmp_path):
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_deepspeed_zero3_ppo_matches_ddp(world, tmp_path, peft):
+    """Rollouts from a partitioned policy (DeepSpeed's hooks fetch each layer, generate keeps the processes in
+    step), and with full fine-tuning a frozen reference copy that ZeRO-3 loaded partitioned too."""
     ppo = ["ppo", "--model", str(world["model"]), "--data", str(world["prompts"]), "--reward",
            "tests.recipes.test_ppo:letter_a_reward", "--max-steps", "2", "--batch-size", "8", "--quiet",
            "train.report=false", "ppo.minibatch_size=4", "generation.max_new_tokens=6", "data.eval_fraction=0",
-           "lora.dropout=0"]
+           "lora.dropout=0", "--peft", peft]
     launch(2, tmp_path / "rec-ddp", ppo + ["--output", str(tmp_path / "ddp")])
-    zero_launch(2, tmp_path / "rec-z2", ppo + ["--output", str(tmp_path / "z2")])
-    for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "z2")):
+    zero_launch(3, tmp_path / "rec-z3", ppo + ["--output", str(tmp_path / "z3")])
+    for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "z3")):
         for key in ("score_mean", "kl", "policy_loss", "value_loss", "response_length"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
-    assert max_weight_diff(tmp_path / "ddp", tmp_path / "z2") <= 1e-5
+    assert max_weight_diff(tmp_path / "ddp", tmp_path / "z3") <= 1e-5

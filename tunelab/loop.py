@@ -165,9 +165,9 @@ def _micro_batches(collated: Batch | list[Batch]) -> list[Batch]:
     return collated if isinstance(collated, list) else [collated]
 
 
-def describe_batch(world: int, batch_size: int, grad_accum: int, unit: str = "examples") -> str:
+def describe_batch(world: int, batch_size: int, grad_accum: int) -> str:
     """The start-of-run line on batch sizes: per device, accumulation, processes and the effective batch."""
-    return (f"batch: {batch_size} {unit} per device x {grad_accum} accumulation x {world} "
+    return (f"batch: {batch_size} examples per device x {grad_accum} accumulation x {world} "
             f"process{'es' if world > 1 else ''} = {batch_size * grad_accum * world} per optimizer step")
 
 

@@ -144,8 +144,10 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
         for model in (policy, ref_model):
             if model is not None:
                 model.to(device)
-        precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
-                             config.train.batch_size, micro_batch_budget(config, policy, device), device)
+        # (under ZeRO-3 the models were loaded partitioned: gathered whole for this pass)
+        with distributed.gathered(policy), distributed.gathered(ref_model or policy):
+            precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
+                                 config.train.batch_size, micro_batch_budget(config, policy, device), device)
         reference, ref_model = None, None  # freed: every batch now carries its reference log-probs
         gc.collect()
         source = ("precomputed from the starting weights before the first update (no second copy)" if from_start

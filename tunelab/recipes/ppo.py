@@ -138,8 +138,10 @@ def prepare_prompts(config: PPOConfig, tokenizer):
 def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch: dict, chunk: int) -> torch.Tensor:
     """Reference log-probs of the response tokens: a frozen copy, or the policy with its adapter disabled."""
     with torch.no_grad():
-        if ref_model is not None:
-            return token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
+        if ref_model is not None:  # a frozen copy outside the engine: gathered whole where ZeRO-3 split it
+            with distributed.gathered(ref_model):
+                return token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                      chunk)
         with adapter_disabled(policy) as base:
             return token_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
 
