@@ -46,7 +46,7 @@ def launch_env(**extra: str) -> dict[str, str]:
 def launch(nproc: int, record: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
     """Run `tunelab ARGS` on `nproc` processes; fails the test with the output if it does not exit 0."""
     done = subprocess.run(launch_command(nproc, record, args), env=launch_env(**env), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
