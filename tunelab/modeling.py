@@ -26,8 +26,16 @@ def _check_exists(name_or_path: str) -> None:
         raise ModelLoadError(f"model path does not exist: {name_or_path}")
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """The folder or hub name transformers loads for `name_or_path` (a GGUF file's converted folder)."""
+    from tunelab.gguf_files import resolve
+
+    return resolve(name_or_path)
+
+
 def _load(loader, name_or_path: str, what: str, **kwargs):
     _check_exists(name_or_path)
+    name_or_path = resolve_model_path(name_or_path)  # a .gguf file: its converted plain model folder
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -124,7 +132,7 @@ def apply_peft(model: nn.Module, config, task_type: str = "CAUSAL_LM") -> nn.Mod
         init = {"prompt_tuning_init": peft.PromptTuningInit.RANDOM}
         if prompt.init_text:
             init = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt.init_text,
-                    "tokenizer_name_or_path": config.model.name_or_path}
+                    "tokenizer_name_or_path": resolve_model_path(config.model.name_or_path)}
         wrapped = peft.get_peft_model(model, peft.PromptTuningConfig(
             task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, **init))
         if not prompt.init_text:
