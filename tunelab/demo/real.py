@@ -193,7 +193,7 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
         t = time.time()
         config = SFTConfig(model=ModelConfig(name_or_path=str(gguf)), peft="lora", output=str(out / name),
                            data=DataConfig(sources=sources, max_length=160, eval_fraction=0.0),
-                           train=_train(1e-3, max_steps=SIZE["sft_steps"]))
+                           train=_train(3e-4, max_steps=SIZE["sft_steps"]))
         run = run_sft(config, quiet=True)
         timings[name] = time.time() - t
         judged(name, run.final_dir)
@@ -219,7 +219,7 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     dpo_config = DPOConfig(model=ModelConfig(name_or_path=str(gguf)), peft="lora", output=str(out / "dpo"),
                            data=DataConfig(sources=[DataSource(path=str(data / "concise_pairs.jsonl"))],
                                            max_length=160, eval_fraction=0.2),
-                           train=_train(1e-3, epochs=SIZE["dpo_epochs"]))
+                           train=_train(2e-4, epochs=SIZE["dpo_epochs"]))
     dpo = run_dpo(dpo_config, quiet=True)
     timings["dpo"] = time.time() - t0
     judged("dpo", dpo.final_dir)
