@@ -45,8 +45,11 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 def launch(nproc: int, record: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
     """Run `tunelab ARGS` on `nproc` processes; fails the test with the output if it does not exit 0."""
-    done = subprocess.run(launch_command(nproc, record, args), env=launch_env(**env), capture_output=True,
-                          text=True, timeout=600)
+    for _ in range(3):  # the free port picked may be taken by another process before torchrun binds it
+        done = subprocess.run(launch_command(nproc, record, args), env=launch_env(**env), capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
+            break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
