@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,15 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "mp_worker.py"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(nproc: int, record: Path, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), str(WORKER), str(record), *args]
+    # --standalone: torchrun binds its rendezvous store to a port of its own choosing, so two launches never race
+    # for one port
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(WORKER), str(record), *args]
 
 
 def launch_env(**extra: str) -> dict[str, str]:
@@ -45,11 +40,8 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 def launch(nproc: int, record: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
     """Run `tunelab ARGS` on `nproc` processes; fails the test with the output if it does not exit 0."""
-    for _ in range(3):  # the free port picked may be taken by another process before torchrun binds it
-        done = subprocess.run(launch_command(nproc, record, args), env=launch_env(**env), capture_output=True,
-                              text=True, timeout=600)
-        if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
-            break
+    done = subprocess.run(launch_command(nproc, record, args), env=launch_env(**env), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
