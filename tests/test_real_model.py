@@ -42,12 +42,10 @@ def smol():
 
 
 def greedy(model, tokenizer, messages: list[dict], max_new_tokens: int = 12) -> str:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    from tunelab.rollout import generate
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=0.0)[0]
 
 
 def train_config(cls, data, output, **train):
@@ -107,7 +105,7 @@ def test_chat_rows_render_with_the_default_system_prompt_and_train_the_answer_on
 
 def test_sft_loss_falls_and_merge_equals_the_adapter(smol_dir, tmp_path):
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.recipes.sft import run_sft
 
@@ -122,8 +120,6 @@ def test_sft_loss_falls_and_merge_equals_the_adapter(smol_dir, tmp_path):
     assert main(["merge", str(result.run_dir), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     peft_model = AutoPeftModelForCausalLM.from_pretrained(result.final_dir).eval()
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
     ids = tokenizer.apply_chat_template(ask("Poland"), add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
