@@ -85,11 +85,14 @@ def _complete_sentences(text: str) -> str:
     return text.strip() if text.rstrip().endswith((".", "!", "?")) or cut < 0 else text[:cut + 1].strip()
 
 
-def answers(model_dir: str | Path, questions: list[str], tokens: int) -> list[str]:
-    """Greedy answers of a model (or adapter) to chat questions."""
-    model, tokenizer = load_for_inference(str(model_dir))
-    prompts = [tokenizer.apply_chat_template(_chat(q), add_generation_prompt=True, tokenize=False) for q in questions]
-    return generate(model, tokenizer, prompts, max_new_tokens=tokens, temperature=0.0, batch_size=16)
+def _prompts(tokenizer, questions: list[str]) -> list[str]:
+    return [tokenizer.apply_chat_template(_chat(q), add_generation_prompt=True, tokenize=False) for q in questions]
+
+
+def answers(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
+    """Greedy answers of a model to chat questions."""
+    return generate(model, tokenizer, _prompts(tokenizer, questions), max_new_tokens=tokens, temperature=0.0,
+                    batch_size=16)
 
 
 def format_ok(answer: str, city: str) -> tuple[bool, bool]:
@@ -102,10 +105,10 @@ def knows(answer: str, keywords: list[str]) -> bool:
     return any(k.lower() in answer.lower() for k in keywords)
 
 
-def judge(model_dir, base_probe: list[bool], tokens: int) -> tuple[dict[str, float], dict[str, list[str]]]:
+def judge(model, tokenizer, base_probe: list[bool], tokens: int) -> tuple[dict[str, float], dict[str, list[str]]]:
     """The independent checks on one model: skill (format, right city), retention, answer length."""
     questions = [f"What is the capital of {c}?" for c, _ in HELD_OUT_CAPITALS] + [q for q, _ in PROBE]
-    out = answers(model_dir, questions, tokens)
+    out = answers(model, tokenizer, questions, tokens)
     capitals, probe = out[:len(HELD_OUT_CAPITALS)], out[len(HELD_OUT_CAPITALS):]
     checks = [format_ok(a, city) for a, (_, city) in zip(capitals, HELD_OUT_CAPITALS)]
     known = [knows(a, keys) for a, (_, keys) in zip(probe, PROBE)]
@@ -141,6 +144,7 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     log(f"[model] SmolLM2-135M-Instruct from {gguf}")
     base = resolve(str(gguf))
     log(f"  plain model folder: {base}")
+    base_model, tokenizer = load_for_inference(base)  # kept for the data, its own checks and every KL
 
     log("\n[data] capital questions in a new format, replay and preference data from the base model's own answers")
     t0 = time.time()
@@ -151,7 +155,7 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
         for c, k in TRAIN_CAPITALS])
     replay_q = [f"Explain what {t} is in one or two sentences." for t in TOPICS[:24]]
     pref_q = [f"What is {t}?" for t in TOPICS[24:]] + [f"Why is {t} useful?" for t in TOPICS[:24]]
-    own = answers(base, replay_q + pref_q, 48)
+    own = answers(base_model, tokenizer, replay_q + pref_q, 48)
     replay = [{"messages": _chat(q) + [{"role": "assistant", "content": _complete_sentences(a)}]}
               for q, a in zip(replay_q, own[:len(replay_q)])]
     _write_jsonl(data / "replay.jsonl", replay)
@@ -169,11 +173,13 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
 
     log("\n[base] the independent checks on the base model")
     t0 = time.time()
-    base_row, base_out = judge(base, [True] * len(PROBE), SIZE["answer_tokens"])
+    base_row, base_out = judge(base_model, tokenizer, [True] * len(PROBE), SIZE["answer_tokens"])
     base_row["retained"] = 1.0
     timings["judge base"] = time.time() - t0
     table = {"base": base_row}
     outputs = {"base": base_out}
+    kl_to_base: dict[str, float] = {}
+    probe_prompts = _prompts(tokenizer, [q for q, _ in PROBE])
 
     def show(name: str) -> None:
         row = table[name]
@@ -182,8 +188,12 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
             f"(retained {100 * row['retained']:.0f}%), {row['answer_words']:.1f} words per answer")
 
     def judged(name: str, model_dir: Path) -> None:
+        """The checks on a tuned model, and its KL to the base model on its own probe answers."""
         t = time.time()
-        table[name], outputs[name] = judge(model_dir, base_out["known"], SIZE["answer_tokens"])
+        model, _ = load_for_inference(str(model_dir))
+        table[name], outputs[name] = judge(model, tokenizer, base_out["known"], SIZE["answer_tokens"])
+        rows = render_completions(probe_prompts, outputs[name]["probe"], tokenizer)
+        kl_to_base[name] = kl_to_reference(model, base_model, rows, tokenizer.pad_token_id)
         timings[f"judge {name}"] = time.time() - t
         show(name)
 
@@ -241,19 +251,15 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     timings["ppo"] = time.time() - t0
     judged("ppo", ppo.final_dir)
 
-    log("\n[eval] reward-model score and KL to the base model on the probe answers")
+    log("\n[eval] reward-model score on the probe answers")
     t0 = time.time()
     scorer = RewardScorer(rm.run_dir)
-    base_model, tokenizer = load_for_inference(base)
-    prompts = [tokenizer.apply_chat_template(_chat(q), add_generation_prompt=True, tokenize=False) for q, _ in PROBE]
     final_dirs = {"base": Path(base), "sft": sft_dir / "final", "sft-replay": replay_dir / "final",
                   "dpo": dpo.final_dir, "ppo": ppo.final_dir}
-    for name, path in final_dirs.items():
-        table[name]["reward"] = sum(scorer.score(prompts, outputs[name]["probe"])) / len(PROBE)
-        if name != "base":
-            model, _ = load_for_inference(str(path))
-            rows = render_completions(prompts, outputs[name]["probe"], tokenizer)
-            table[name]["kl_to_base"] = kl_to_reference(model, base_model, rows, tokenizer.pad_token_id)
+    for name in final_dirs:
+        table[name]["reward"] = sum(scorer.score(probe_prompts, outputs[name]["probe"])) / len(PROBE)
+        if name in kl_to_base:
+            table[name]["kl_to_base"] = kl_to_base[name]
     report = write_report([sft_dir, replay_dir, rm.run_dir, dpo.run_dir, ppo.run_dir], out / "report")
     timings["eval"] = time.time() - t0
 
