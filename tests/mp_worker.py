@@ -36,7 +36,7 @@ def tensor(value):
 def install_recorders() -> None:
     from tunelab import distributed, loop
     from tunelab.distributed import fsdp_units
-    from tunelab.recipes import ppo
+    from tunelab.recipes import online, ppo
 
     train = loop.train
     sleep = float(os.environ.get("TUNELAB_TEST_STEP_SLEEP", "0"))
@@ -72,12 +72,12 @@ def install_recorders() -> None:
     ppo.masked_whiten = recording_whiten
 
     statistics = ppo.rollout_statistics
-    write_final = ppo.write_final
+    write_final = online.write_final
 
     def recording_write_final(run, model, tokenizer, whole=None):
         record("prepared", module=type(whole).__name__, units=len(fsdp_units(whole)))
         return write_final(run, model, tokenizer, whole=whole)
-    ppo.write_final = recording_write_final
+    online.write_final = recording_write_final
 
     def recording_statistics(raw_scores, rollout, experience):
         result = statistics(raw_scores, rollout, experience)

@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from tunelab.config import (ConfigError, DPOConfig, PPOConfig, RMConfig, SFTConfig, build_config,
-                            describe_fields)
+from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, PPOConfig, RLOOConfig, RMConfig, SFTConfig,
+                            build_config, describe_fields)
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
@@ -90,6 +90,8 @@ cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")
 cmd_rm = _recipe_command(RMConfig, "tunelab.recipes.reward", "run_rm")
 cmd_dpo = _recipe_command(DPOConfig, "tunelab.recipes.dpo", "run_dpo")
 cmd_ppo = _recipe_command(PPOConfig, "tunelab.recipes.ppo", "run_ppo")
+cmd_grpo = _recipe_command(GRPOConfig, "tunelab.recipes.grpo", "run_grpo")
+cmd_rloo = _recipe_command(RLOOConfig, "tunelab.recipes.grpo", "run_rloo")
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -259,6 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                      "module:function (reward.source)")
     ppo.set_defaults(func=cmd_ppo)
+
+    group_rl = ("Each iteration samples rl.num_generations (K) responses to each of --batch-size prompts in one "
+                "batched generation, scores them with --reward (a `tunelab rm` run, pipeline:MODEL with "
+                "reward.label, or module:function such as an answer checker), and gives every response one "
+                "advantage from its own group's rewards; no value head, no critic. Then rl.epochs passes (1: "
+                "on-policy) of the clipped objective over minibatches of rl.minibatch_size responses. --max-steps "
+                "is the number of iterations. Logged: reward mean/std, the share of groups whose K rewards are "
+                "all equal (zero_spread_groups: no signal), KL, clip fraction, entropy, response length.")
+    grpo = sub.add_parser("grpo", help="critic-free RL with a group baseline (GRPO): K samples per prompt",
+                          description="GRPO (Shao et al., 2024). " + group_rl + " Advantages: (r - group mean) / "
+                          "(group std + 1e-4), or r - group mean with rl.scale_rewards=false; with "
+                          "rl.loss_norm=token the loss is one mean over all response tokens (together: Dr. "
+                          "GRPO). KL to the frozen reference: a k3 term in the loss weighted by rl.kl_coef "
+                          "(rl.kl=loss, the default), folded into the reward (rl.kl=reward), or off "
+                          "(rl.kl=off: no reference loaded).", epilog=_keys_epilog(GRPOConfig),
+                          formatter_class=formatter)
+    rloo = sub.add_parser("rloo", help="critic-free RL with a leave-one-out baseline (RLOO): K samples per prompt",
+                          description="RLOO (Ahmadian et al., 2024). " + group_rl + " Advantages: r_i - mean of "
+                          "the other K - 1 rewards of the group. KL to the frozen reference: folded into each "
+                          "reward as -rl.kl_coef x the response's summed log-ratio (rl.kl=reward, the default), a "
+                          "k3 term in the loss (rl.kl=loss), or off (rl.kl=off: no reference loaded).",
+                          epilog=_keys_epilog(RLOOConfig), formatter_class=formatter)
+    for parser_, command in ((grpo, cmd_grpo), (rloo, cmd_rloo)):
+        _add_recipe_flags(parser_, peft_choices=PEFT_CHOICES)
+        parser_.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
+                             "module:function (reward.source)")
+        parser_.set_defaults(func=command)
 
     score = sub.add_parser("score", help="add a reward-model score to each prompt + response row",
                            description="Score rows with a trained reward model (a `tunelab rm` run or its final/). "

@@ -247,6 +247,61 @@ class PPOConfig(RecipeConfig):
         return 1e-4 if self.peft != "none" else 1e-5
 
 
+class GroupRLSection(Section):
+    """Critic-free RL with group baselines: what GRPO and RLOO share (their defaults differ)."""
+
+    num_generations: int = Field(4, ge=2, description="responses sampled per prompt (K): one group per prompt")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch (1: on-policy)")
+    minibatch_size: int | None = Field(
+        None, ge=1, description="responses per optimizer step, total over processes (null: the whole rollout "
+        "batch, one update per pass)")
+    clip_range: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    kl: Literal["loss", "reward", "off"] = Field(
+        "loss", description="KL to the frozen reference: a per-token k3 term in the loss (GRPO's form), "
+        "folded into each response's reward as -kl_coef * summed k1 (RLOO's form), or off (no reference loaded)")
+    kl_coef: float = Field(0.04, ge=0, description="KL coefficient (beta)")
+    scale_rewards: bool = Field(
+        True, description="GRPO: divide the group-centred rewards by the group's std (false: Dr. GRPO's "
+        "unscaled advantages); RLOO never scales")
+    loss_norm: Literal["sequence", "token"] = Field(
+        "sequence", description="policy loss: mean over each response's tokens, then over responses "
+        "(sequence), or one mean over all response tokens of the minibatch (token, Dr. GRPO)")
+    sample_every: int = Field(10, ge=0, description="log prompt/response/score samples every N iterations (0: off)")
+
+
+class GRPOSection(GroupRLSection):
+    advantage: Literal["grpo", "rloo"] = Field(
+        "grpo", description="group baseline: (r - group mean) / group std (grpo) or leave-one-out (rloo)")
+
+
+class RLOOSection(GroupRLSection):
+    advantage: Literal["grpo", "rloo"] = Field(
+        "rloo", description="group baseline: leave-one-out mean of the other responses (rloo) or grpo's")
+    kl: Literal["loss", "reward", "off"] = Field(
+        "reward", description="KL to the frozen reference: folded into each response's reward as -kl_coef * "
+        "summed k1 (RLOO's form), a per-token k3 term in the loss (GRPO's form), or off (no reference loaded)")
+    kl_coef: float = Field(0.05, ge=0, description="KL coefficient (beta)")
+
+
+class GRPOConfig(RecipeConfig):
+    """GRPO: train.max_steps = iterations, train.batch_size = prompts per rollout (each sampled K times)."""
+
+    reward: PPORewardConfig = Field(default_factory=PPORewardConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    rl: GRPOSection = Field(default_factory=GRPOSection)
+
+    def resolved_lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 1e-4 if self.peft != "none" else 1e-5
+
+
+class RLOOConfig(GRPOConfig):
+    """RLOO: REINFORCE with a leave-one-out baseline over each prompt's K responses."""
+
+    rl: RLOOSection = Field(default_factory=RLOOSection)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a config from layers
 

@@ -246,3 +246,77 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
         return self.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free RL with group baselines: GRPO (Shao et al., 2024), Dr. GRPO (Liu et al., 2025) and RLOO
+# (Kool et al., 2019; Ahmadian et al., 2024)
+
+
+def group_advantages(scores: torch.Tensor, num_generations: int, estimator: str = "grpo", scale: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """One advantage per response from the rewards of its group (the K responses to the same prompt).
+
+    `scores`: `[G * K]`, each group's K rewards consecutive. With group mean m and sample std s (n - 1):
+
+    - `grpo`:  A_i = (r_i - m) / (s + eps), or r_i - m with scale=False (Dr. GRPO);
+    - `rloo`:  A_i = r_i - mean_{j != i} r_j = K / (K - 1) * (r_i - m), the leave-one-out baseline.
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0.
+    Returns (advantages `[G * K]`, zero_spread `[G]`: True where a group's rewards are all equal).
+    """
+    if num_generations < 2:
+        raise ValueError(f"a group baseline needs at least 2 responses per prompt, got {num_generations}")
+    if scores.numel() % num_generations:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {num_generations}")
+    groups = scores.float().view(-1, num_generations)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    zero_spread = (groups.max(dim=1).values - groups.min(dim=1).values) == 0
+    if estimator == "grpo":
+        advantages = centred / (groups.std(dim=1, keepdim=True) + eps) if scale else centred
+    elif estimator == "rloo":
+        advantages = centred * num_generations / (num_generations - 1)
+    else:
+        raise ValueError(f"unknown advantage estimator '{estimator}'; expected grpo or rloo")
+    advantages = torch.where(zero_spread[:, None], torch.zeros_like(advantages), advantages)
+    return advantages.flatten(), zero_spread
+
+
+def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_range: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                      kl_coef: float = 0.0, loss_norm: str = "sequence"
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy objective with one advantage per response, and GRPO's optional k3 KL term.
+
+    Per response token t of response i, with ratio_t = exp(logp_t - logp_old_t):
+
+        l_t = max(-A_i ratio_t, -A_i clip(ratio_t, 1 - eps, 1 + eps)) + kl_coef * k3_t,
+        k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (only when `ref_logprobs` is given)
+
+    `loss_norm="sequence"` (GRPO): the sum of each response's token mean, to be divided by the number
+    of responses; `"token"` (Dr. GRPO): the sum over every response token, to be divided by the number
+    of tokens. Returning the sum and its count lets micro-batches and processes add up to the exact
+    minibatch mean. At ratio 1 (one on-policy pass) and no KL, the gradient is -A_i grad logp_t.
+
+    `logprobs`, `old_logprobs`, `mask`, `ref_logprobs`: `[B, T]`; `advantages`: `[B]`.
+    Returns (loss sum, count, metrics: clip fraction and mean k3 per token as sums over tokens,
+    `tokens` their count).
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.to(logprobs.dtype)[:, None]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    per_token = torch.maximum(unclipped, clipped)
+    metrics = {"clip_fraction": masked_sum((clipped > unclipped).float(), mask).detach(), "tokens": mask.sum()}
+    if ref_logprobs is not None:
+        k3 = kl_estimate(logprobs, ref_logprobs, "k3")
+        per_token = per_token + kl_coef * k3
+        metrics["k3"] = masked_sum(k3, mask).detach()
+    if loss_norm == "sequence":
+        lengths = mask.sum(1)
+        total = ((per_token * mask).sum(1) / lengths.clamp(min=1)).sum()
+        return total, (lengths > 0).sum().to(logprobs.dtype), metrics
+    if loss_norm == "token":
+        return masked_sum(per_token, mask), mask.sum(), metrics
+    raise ValueError(f"unknown loss normalisation '{loss_norm}'; expected sequence or token")
