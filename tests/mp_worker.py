@@ -9,6 +9,9 @@ after a checkpoint; TUNELAB_TEST_NAN_AT=RANK:CALL makes one step-function call o
 TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
 on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU);
 TUNELAB_TEST_ENGINE=zero2 or zero3 does the same for DeepSpeed ZeRO (on DeepSpeed's CPU accelerator).
+TUNELAB_TEST_FIXED_ROLLOUTS=1 replaces sampling in the online recipes with responses that depend only on
+the prompt, the sample's number within its group and the iteration, so one process and several see the
+same responses and must make the same updates.
 """
 
 from __future__ import annotations
@@ -88,6 +91,28 @@ def install_recorders() -> None:
     ppo.rollout_statistics = recording_statistics
 
 
+def fixed_rollouts() -> None:
+    import zlib
+
+    import torch
+
+    from tunelab.recipes import online
+    from tunelab.rollout import left_padded, rollout_from
+
+    def sample(self, prompts, repeats=1):
+        tokenizer = self.prepared.tokenizer
+        rows = [p for p in prompts for _ in range(repeats)]
+        responses = []
+        for k, prompt in enumerate(rows):
+            rng = torch.Generator().manual_seed(zlib.crc32(f"{prompt}|{k % repeats}|{self.iteration}".encode()))
+            length = int(torch.randint(2, 7, (1,), generator=rng))
+            ids = torch.randint(4, len(tokenizer), (length,), generator=rng).tolist()
+            responses.append(ids + [tokenizer.eos_token_id] * (7 - length))  # a short one ends with EOS
+        return rollout_from(left_padded(tokenizer, rows, self.device), torch.tensor(responses, device=self.device),
+                            tokenizer, rows)
+    online.OnlineLoop.sample = sample
+
+
 def force_fsdp2() -> None:
     """Make every `Accelerator()` tunelab builds an FSDP2 one (what `--config_file fsdp2.yaml` gives on GPUs)."""
     import accelerate
@@ -130,6 +155,8 @@ if __name__ == "__main__":
     distributed.state()
     record("start", pid=os.getpid(), world=distributed.world_size())
     install_recorders()
+    if os.environ.get("TUNELAB_TEST_FIXED_ROLLOUTS"):
+        fixed_rollouts()
     if engine == "fsdp2":
         force_fsdp2()
     sys.exit(main(sys.argv[2:]))

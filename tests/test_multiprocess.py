@@ -226,6 +226,28 @@ def test_ppo_shares_prompts_and_computes_statistics_over_the_whole_batch(world, 
         assert not torch.allclose(alone, torch.tensor(inputs[0]["result"]), atol=1e-3)
 
 
+def test_grpo_two_processes_equal_one_on_the_same_responses(world, tmp_path):
+    """Each process samples whole groups for its own prompts; the loss is normalised over every process, so with
+    the same responses (sampling made a function of the prompt), two processes make one process's updates."""
+    args = ["grpo", "--model", str(world["model"]), "--data", str(world["prompts"]), "--reward",
+            "tests.recipes.test_ppo:letter_a_reward", "--max-steps", "2", "--batch-size", "4", "--peft", "none",
+            "--lr", "1e-2", "--quiet", "train.report=false", "rl.num_generations=3", "rl.epochs=2",
+            "data.eval_fraction=0", "train.log_every=1", "rl.sample_every=1"]
+    one = launch(1, tmp_path / "rec1", args + ["--output", str(tmp_path / "one")], TUNELAB_TEST_FIXED_ROLLOUTS="1")
+    two = launch(2, tmp_path / "rec2", args + ["--output", str(tmp_path / "two")], TUNELAB_TEST_FIXED_ROLLOUTS="1")
+    assert "2 prompts per process x 2" in two.stderr and "4 prompts per process x 1" in one.stderr
+    first, second = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in second] == [1, 2] and first[0]["score_std"] > 0 and second[-1]["clip_fraction"] > 0
+    for a, b in zip(first, second):
+        for key in a.keys() - {"rollout_s", "learn_s", "iteration_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # 4 AdamW steps at lr 1e-2: float-level gradient differences (rows summed in another order) on weights
+    # whose gradient is near 0 are scaled up by Adam's 1 / sqrt(v), so the bound is 1e-5, not 1e-6
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
+    samples = (tmp_path / "two" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 3  # from the main process alone
+
+
 def test_a_launch_that_forms_no_group_is_an_error(monkeypatch):
     """N processes that each come up alone would train N racing copies: refuse with how to launch."""
     import accelerate

@@ -117,8 +117,12 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
                                 eos_token_id=tokenizer.eos_token_id, **sampling)
     finally:
         model.train(was_training)
-    width = encoded["input_ids"].shape[1]
-    response = output[:, width:]
+    return rollout_from(encoded, output[:, encoded["input_ids"].shape[1]:], tokenizer, prompts)
+
+
+def rollout_from(encoded: dict[str, torch.Tensor], response: torch.Tensor, tokenizer, prompts: list[str]) -> Rollout:
+    """The `Rollout` of left-padded prompts `encoded` and the tokens generated after them `[B, R]`:
+    everything after a row's first EOS becomes padding, and the responses are decoded."""
     mask, ended = response_mask(response, tokenizer.eos_token_id)
     response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
