@@ -102,9 +102,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         losses = torch.relu(1 - beta * z)
     else:
         raise ValueError(f"unknown DPO loss '{loss_type}'; expected one of {', '.join(DPO_LOSSES)}")
-    chosen_rewards = (beta * chosen_logratio).detach()
-    rejected_rewards = (beta * rejected_logratio).detach()
-    metrics = {
+    return losses.sum(), _pair_metrics(beta * chosen_logratio, beta * rejected_logratio, policy_chosen,
+                                       policy_rejected)
+
+
+def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy_chosen: torch.Tensor,
+                  policy_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
         "reward_chosen": chosen_rewards.mean(),
         "reward_rejected": rejected_rewards.mean(),
         "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
@@ -112,6 +117,106 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         "logp_chosen": policy_chosen.detach().mean(),
         "logp_rejected": policy_rejected.detach().mean(),
     }
+
+
+def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+               rejected_tokens: torch.Tensor, beta: float = 2.0, gamma: float = 0.5
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al., 2024), summed over pairs: reference-free, on length-normalised log-probs.
+
+    loss_i = -log sigmoid(beta / |y_w| * log pi(y_w|x) - beta / |y_l| * log pi(y_l|x) - gamma)
+
+    The implicit reward of a response is its mean per-token log-prob times beta; gamma is the target
+    margin by which the chosen reward should beat the rejected one (in the same units: beta-scaled). With
+    equal mean log-probs and gamma = 0 the loss is log 2 per pair.
+
+    Args: sequence log-probs `[N]` summed over completion tokens, and the completion token counts `[N]`
+    (|y_w|, |y_l|; clamped at 1). Returns (loss sum, metrics): implicit rewards of chosen and rejected,
+    reward accuracy and margin, and the summed policy log-probs; metrics are detached means.
+    """
+    chosen_rewards = beta * policy_chosen / chosen_tokens.clamp(min=1)
+    rejected_rewards = beta * policy_rejected / rejected_tokens.clamp(min=1)
+    losses = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses.sum(), _pair_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler, 2012): log(-expm1(x)) near 0,
+    log1p(-exp(x)) below -log 2."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+ORPO_MAX_MEAN_LOGP = -1e-6  # a mean per-token log-prob above this (p > 0.999999) is held here: finite log-odds
+
+
+def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+              rejected_tokens: torch.Tensor, lam: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al., 2024), summed over pairs: the chosen NLL plus a weighted odds-ratio term, no reference.
+
+    With the length-normalised log-prob  m(y) = log pi(y|x) / |y|  (the log of the per-token geometric mean
+    probability p) and  log odds(y) = log(p / (1 - p)) = m(y) - log(1 - exp(m(y))):
+
+        loss_i = -m(y_w) + lam * -log sigmoid(log odds(y_w) - log odds(y_l))
+
+    log(1 - exp(m)) is computed with `log1mexp`; m is held at most -1e-6 so the odds stay finite. When both
+    sides have the same mean log-prob the odds-ratio term is log 2.
+
+    Args: sequence log-probs `[N]` summed over completion tokens, completion token counts `[N]` (clamped at
+    1), and lam (TRL's ORPO `beta`). Returns (loss sum, metrics): rewards lam * m(y) of chosen and rejected
+    (as TRL logs them), their accuracy and margin, the chosen NLL, the odds-ratio term, the mean log odds
+    ratio and the summed policy log-probs; metrics are detached means.
+    """
+    chosen_mean = (policy_chosen / chosen_tokens.clamp(min=1)).clamp(max=ORPO_MAX_MEAN_LOGP)
+    rejected_mean = (policy_rejected / rejected_tokens.clamp(min=1)).clamp(max=ORPO_MAX_MEAN_LOGP)
+    log_odds_ratio = (chosen_mean - log1mexp(chosen_mean)) - (rejected_mean - log1mexp(rejected_mean))
+    odds_ratio_term = -torch.nn.functional.logsigmoid(log_odds_ratio)
+    nll = -chosen_mean
+    losses = nll + lam * odds_ratio_term
+    metrics = _pair_metrics(lam * chosen_mean, lam * rejected_mean, policy_chosen, policy_rejected)
+    metrics.update(nll=nll.detach().mean(), odds_ratio_loss=odds_ratio_term.detach().mean(),
+                   log_odds_ratio=log_odds_ratio.detach().mean())
+    return losses.sum(), metrics
+
+
+def kto_reference_point(kl_logratios: torch.Tensor, all_sum=None) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al., 2024): an estimate of KL(pi || ref), detached.
+
+    z0 = max(0, mean_j (log pi(y'_j|x_j) - log ref(y'_j|x_j))) over mismatched pairs (prompt x_j with another
+    row's completion y'_j), summed over completion tokens. `all_sum`, when given, sums over processes, so
+    every process gets the mean over the whole batch. No rows (anywhere): 0. Returns a 0-dim tensor.
+    """
+    logratios = kl_logratios.detach().double()
+    totals = torch.stack([logratios.sum(), torch.tensor(float(logratios.numel()), dtype=torch.float64,
+                                                        device=logratios.device)])
+    if all_sum is not None:
+        totals = all_sum(totals)
+    mean = totals[0] / totals[1] if totals[1] > 0 else torch.zeros((), dtype=torch.float64, device=totals.device)
+    return mean.clamp(min=0).to(kl_logratios.dtype)
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             reference_point: torch.Tensor | float, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """KTO (Ethayarajh et al., 2024) on unpaired rows, summed over rows.
+
+    With r = log pi(y|x) - log ref(y|x) (summed over completion tokens) and the reference point z0
+    (`kto_reference_point`, no gradient flows into it):
+
+        desirable row:    desirable_weight   * (1 - sigmoid(beta * (r - z0)))
+        undesirable row:  undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+
+    At r = z0 each row costs half its weight. Args: `policy_logps`, `ref_logps`: `[N]`; `desirable`: `[N]`
+    bool. Returns (loss sum, metrics): the implicit rewards beta * r of desirable and of undesirable rows,
+    each as (sum, row count) so that means over a subset of rows add up exactly across batches; detached.
+    """
+    z0 = torch.as_tensor(reference_point, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    logratios = policy_logps - ref_logps
+    desirable = desirable.bool()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))
+    rewards = (beta * logratios).detach()
+    metrics = {"reward_desirable": (rewards[desirable].sum(), desirable.sum()),
+               "reward_undesirable": (rewards[~desirable].sum(), (~desirable).sum())}
     return losses.sum(), metrics
 
 
