@@ -9,7 +9,9 @@ Stages (each a real run directory under the output):
           reviews among sampled generations, judged by the world's sentiment lexicon (no trained model)
   ppo/    RLHF with PPO from the SFT model (LoRA: policy, value head and reference share one base) against
           the reward model, judged the same way, with the KL to the SFT model
-  report/ an evaluation table of base, SFT, DPO and PPO (positive share, reward score, win rate against
+  grpo/   critic-free RL (GRPO) from the SFT model (LoRA) against the same reward model: 4 responses per
+          prompt, each one's advantage from its group, no value head
+  report/ an evaluation table of base, SFT, DPO, PPO and GRPO (positive share, reward score, win rate against
           SFT, KL to SFT, BLEU against positive reference reviews) and plots of every run's metrics
 """
 
@@ -25,8 +27,8 @@ from pathlib import Path
 import torch
 
 from tunelab.checkpoint import RunDirError
-from tunelab.config import (DataConfig, DataSource, DPOConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig,
-                            TrainConfig)
+from tunelab.config import (DataConfig, DataSource, DPOConfig, GRPOConfig, ModelConfig, PPOConfig, RMConfig,
+                            SFTConfig, TrainConfig)
 from tunelab.data.dataset import prepare_sft_data
 from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
@@ -37,6 +39,7 @@ from tunelab.modeling import load_for_inference, merge_adapter
 from tunelab.report import write_report
 from tunelab.rewards import RewardScorer
 from tunelab.recipes.dpo import run_dpo
+from tunelab.recipes.grpo import run_grpo
 from tunelab.recipes.ppo import run_ppo
 from tunelab.recipes.reward import run_rm
 from tunelab.recipes.common import collate_rendered, eval_batches, log
@@ -221,26 +224,42 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
 
     log("\n[ppo] RLHF with PPO from the SFT model (LoRA) against the reward model")
     t0 = time.time()
-    ppo_config = PPOConfig(model=ModelConfig(name_or_path=str(sft_model)), peft="lora", output=str(out / "ppo"),
-                           data=DataConfig(sources=[DataSource(path=str(paths["ppo_prompts"]))], eval_fraction=0.0),
-                           train=TrainConfig(lr=3e-3, max_steps=size.ppo_iterations, batch_size=32, warmup_ratio=0.0,
-                                             seed=seed, log_every=5, report=not quick))
-    ppo_config.reward.source = str(rm.run_dir)
-    ppo_config.generation.max_new_tokens = 40
+
+    def online_config(cls, run: str, batch_size: int):
+        """PPO's and GRPO's shared settings: LoRA on the SFT model, the reward model, 40-token responses."""
+        config = cls(model=ModelConfig(name_or_path=str(sft_model)), peft="lora", output=str(out / run),
+                     data=DataConfig(sources=[DataSource(path=str(paths["ppo_prompts"]))], eval_fraction=0.0),
+                     train=TrainConfig(lr=3e-3, max_steps=size.ppo_iterations, batch_size=batch_size,
+                                       warmup_ratio=0.0, seed=seed, log_every=5, report=not quick))
+        config.reward.source = str(rm.run_dir)
+        config.generation.max_new_tokens = 40
+        config.lora.r = 16
+        return config
+
+    ppo_config = online_config(PPOConfig, "ppo", 32)
     ppo_config.ppo.kl_coef = 0.05
     ppo_config.ppo.minibatch_size = 16
-    ppo_config.lora.r = 16
     ppo = run_ppo(ppo_config, quiet=True)
     tail = ppo.history[-5:]
     ppo_kl = sum(h["kl"] for h in tail) / len(tail)
     timings["ppo"] = time.time() - t0
 
-    log("\n[eval] base, SFT, DPO and PPO on the same unseen prompts")
+    log("\n[grpo] critic-free RL (GRPO) from the SFT model (LoRA) against the same reward model: 4 reviews per "
+        "prompt, each judged against its group")
     t0 = time.time()
-    table = evaluation_table({"base": base.final_dir, "sft": sft_model, "dpo": dpo.final_dir, "ppo": ppo.final_dir},
-                             sft_model, rm.final_dir, judged, seed)
+    grpo_config = online_config(GRPOConfig, "grpo", 8)  # 8 prompts x 4 responses: PPO's 32 responses
+    grpo_config.rl.kl_coef = 0.05
+    grpo = run_grpo(grpo_config, quiet=True)
+    grpo_tail = grpo.history[-5:]
+    timings["grpo"] = time.time() - t0
+
+    log("\n[eval] base, SFT, DPO, PPO and GRPO on the same unseen prompts")
+    t0 = time.time()
+    table = evaluation_table({"base": base.final_dir, "sft": sft_model, "dpo": dpo.final_dir, "ppo": ppo.final_dir,
+                              "grpo": grpo.final_dir}, sft_model, rm.final_dir, judged, seed)
     share = {name: row["positive_share"] for name, row in table.items()}
-    report = write_report([base.run_dir, sft.run_dir, rm.run_dir, dpo.run_dir, ppo.run_dir], out / "report")
+    report = write_report([base.run_dir, sft.run_dir, rm.run_dir, dpo.run_dir, ppo.run_dir, grpo.run_dir],
+                          out / "report")
     timings["eval"] = time.time() - t0
     t0 = time.time()
     base_loss = _held_out_loss(base.final_dir, sft_config)
@@ -256,7 +275,8 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     figures = {
         "quick": quick,
         "runs": {"world": str(out / "world"), "base": str(base.run_dir), "sft": str(sft.run_dir),
-                 "rm": str(rm.run_dir), "dpo": str(dpo.run_dir), "ppo": str(ppo.run_dir)},
+                 "rm": str(rm.run_dir), "dpo": str(dpo.run_dir), "ppo": str(ppo.run_dir),
+                 "grpo": str(grpo.run_dir)},
         "held_out_loss": {"base": round(base_loss, 4), "sft": round(sft_loss, 4)},
         "rm_held_out_accuracy": round(rm_accuracy, 4),
         "dpo_held_out_reward_accuracy": round(dpo.train.eval_metrics["reward_accuracy"], 4),
@@ -265,6 +285,8 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
         "report": str(report),
         "ppo_score": {"first": round(ppo.history[0]["score_mean"], 4), "last": round(tail[-1]["score_mean"], 4)},
         "ppo_kl_to_sft": round(ppo_kl, 4),
+        "grpo_score": {"first": round(grpo.history[0]["score_mean"], 4),
+                       "last": round(sum(h["score_mean"] for h in grpo_tail) / len(grpo_tail), 4)},
         "judged_generations": len(judged),
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - started, 1)},
     }
@@ -272,11 +294,13 @@ def run_demo(output: str = "runs/demo", quick: bool = False, overwrite: bool = F
     log(f"\nheld-out completion loss on the SFT task: base {base_loss:.3f} -> sft {sft_loss:.3f}")
     log(f"reward model held-out accuracy (positive review preferred): {rm_accuracy:.3f}")
     log(f"positive share of {len(judged)} sampled reviews (lexicon judge): sft {100 * share['sft']:.0f}%, "
-        f"dpo {100 * share['dpo']:.0f}%, ppo {100 * share['ppo']:.0f}% (ppo KL to sft {ppo_kl:.2f} nats per response)")
+        f"dpo {100 * share['dpo']:.0f}%, ppo {100 * share['ppo']:.0f}%, grpo {100 * share['grpo']:.0f}% (ppo KL to "
+        f"sft {ppo_kl:.2f} nats per response)")
     log(f"\nevaluation on {len(judged)} unseen prompts (sampled at temperature 0.7; KL in nats per response; "
         "BLEU against positive reference reviews):\n" + markdown_table(table))
     log(f"plots and report: {report}")
     log(f"runs: {out / 'base'} (base model), {out / 'sft'} (instruction-tuned adapter; merged in sft/merged), "
-        f"{out / 'rm'} (reward model), {out / 'dpo'} (DPO adapter), {out / 'ppo'} (PPO adapter)")
+        f"{out / 'rm'} (reward model), {out / 'dpo'} (DPO adapter), {out / 'ppo'} (PPO adapter), {out / 'grpo'} "
+        "(GRPO adapter)")
     log("wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in figures["seconds"].items()))
     return figures
