@@ -132,6 +132,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from tunelab.label.command import run_label
+
+    return run_label(args, _generation_options(args))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -317,6 +323,40 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message to start every conversation with")
     _add_generation_flags(chat, max_new_tokens=256)
     chat.set_defaults(func=cmd_chat)
+
+    lab = sub.add_parser("label", help="collect human preference labels on a local web page (rows for rm and dpo)",
+                         description="Serve a page that shows the guidelines, then one prompt at a time with two "
+                         "responses side by side (two samples of one --model, one each of two --model, or two "
+                         "responses of a --candidates row), in a random order that hides their sources. The "
+                         "labeler picks A, B, tie or skip (keys 1, 2, 3, s; Enter submits; u undoes the last "
+                         "label). Each label is appended to --output at once (fsynced) as a prompt/chosen/rejected "
+                         "row with choice, labeler, time and the hidden sources; tunelab rm and dpo drop ties and "
+                         "skips and count them. Undo rewrites the file atomically without the row. Restarting on "
+                         "the same --output resumes; two pages never hold the same item at once. --stats FILE "
+                         "prints counts per labeler, tie and skip rates, agreement and Cohen's kappa on items "
+                         "labeled twice, and each source's wins. Needs the label extra: pip install "
+                         "\"tunelab[label]\".")
+    lab.add_argument("--prompts", help="prompts to generate for (rows as tunelab generate reads them); with "
+                     "--candidates, optional: label only these prompts of the candidates file, in this order")
+    lab.add_argument("--model", action="append", help="model, adapter or run directory, or GGUF file; once: two "
+                     "samples of it per prompt (needs --temperature > 0); twice: one response of each")
+    lab.add_argument("--candidates", help="JSONL rows {prompt, responses: [...], sources: [...] (optional)}; with "
+                     "more than two responses, two are drawn per prompt")
+    lab.add_argument("--output", help="labels file (JSONL) to append to; an existing one is resumed")
+    lab.add_argument("--guidelines", help="Markdown file shown before labeling (default: a short built-in text)")
+    lab.add_argument("--labeler", help="labeler name written with each label (default: the login name); each "
+                     "labeler can change it on the page")
+    lab.add_argument("--overlap", type=int, default=0, metavar="K", help="ask K of the prompts (drawn by --seed) "
+                     "of two different labelers each, to measure agreement (default 0)")
+    lab.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
+                     "machine only)")
+    lab.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
+    lab.add_argument("--stats", metavar="PREFS", help="print the statistics of a labels file and exit")
+    _add_generation_flags(lab)
+    for action in lab._actions:  # each pair is generated as one batch of its own: --batch-size has no use here
+        if action.dest == "batch_size":
+            action.help = argparse.SUPPRESS
+    lab.set_defaults(func=cmd_label)
 
     ev = sub.add_parser("eval", help="evaluate generations: BLEU, ROUGE, perplexity, reward, win rate, KL",
                         description="Generate (greedy unless told otherwise) for the prompts of --data and compute "

@@ -31,6 +31,8 @@ class SourceSummary:
     dropped_long: int = 0
     dropped_empty: int = 0
     dropped_identical: int = 0
+    dropped_tie: int = 0  # human labels with no preference (tunelab label's ties and skips)
+    dropped_skip: int = 0
     train: int = 0
     held_out: int = 0
 
@@ -42,6 +44,8 @@ class SourceSummary:
         text = f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped as empty"
         if self.dropped_identical:
             text += f", {self.dropped_identical} dropped with chosen == rejected"
+        if self.dropped_tie or self.dropped_skip:
+            text += f", {self.dropped_tie} ties and {self.dropped_skip} skips dropped (labels with no preference)"
         return text
 
     def line(self) -> str:

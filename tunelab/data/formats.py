@@ -123,9 +123,10 @@ def to_example(row: Row, fmt: str) -> Example:
                 raise DataError(f"{row.where}: field 'margin' must be a number, got {margin!r}") from None
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise DataError(f"{row.where}: field 'margin' must be a number, got {type(margin).__name__}")
+        # a `choice` (tunelab label's A/B/tie/skip) is kept raw: the preference loaders drop ties and skips
         return Example(fmt, row.where, prompt=text_or_messages(row, "prompt", optional=True),
                        chosen=text_or_messages(row, "chosen"), rejected=text_or_messages(row, "rejected"),
-                       margin=float(margin))
+                       margin=float(margin), extra={"choice": row.values["choice"]} if "choice" in row.values else {})
     if fmt == "prompt":
         return Example(fmt, row.where, prompt=text_or_messages(row, "prompt"))
     raise DataError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)} or auto")

@@ -3,7 +3,7 @@
 A pair is scored as whole sequences, prompt + response: for an encoder (a tokenizer with [CLS] and
 [SEP]) as a text pair, for a causal LM as `bos + prompt + response + eos`, and for chat messages
 through the chat template. Pairs whose chosen and rejected are identical or empty teach nothing and
-are dropped and counted.
+are dropped and counted, as are human labels with no preference (`choice` tie or skip, from `tunelab label`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,13 @@ def scored_sequence(prompt: str | Messages | None, response: str | Messages, tok
     return tokenize(tokenizer, response, special=True) + [tokenizer.eos_token_id]
 
 
+def no_preference(example: Example) -> str | None:
+    """`dropped_tie` / `dropped_skip` for a human label with no preference (`choice` tie or skip, as
+    `tunelab label` writes them: chosen and rejected are then just the two responses), else None."""
+    choice = example.extra.get("choice")
+    return {"tie": "dropped_tie", "skip": "dropped_skip"}.get(choice.lower()) if isinstance(choice, str) else None
+
+
 def _is_empty(value: str | Messages) -> bool:
     if isinstance(value, list):
         return not any(m["content"].strip() for m in value if m["role"] == "assistant")
@@ -61,6 +68,8 @@ def _is_empty(value: str | Messages) -> bool:
 
 def to_pair(example: Example, tokenizer, config: DataConfig) -> tuple[ScoredPair | None, str]:
     """Render one preference example; returns (pair or None, kept/truncated/dropped_* status)."""
+    if no_preference(example):
+        return None, no_preference(example)
     if _is_empty(example.chosen) or _is_empty(example.rejected):
         return None, "dropped_empty"
     if example.chosen == example.rejected:
@@ -119,6 +128,8 @@ def split_prompt(example: Example) -> tuple[str | Messages, str, str]:
 
 def to_policy_pair(example: Example, tokenizer, config: DataConfig) -> tuple[PolicyPair | None, str]:
     """Render a preference example for DPO; returns (pair or None, kept/truncated/dropped_* status)."""
+    if no_preference(example):
+        return None, no_preference(example)
     prompt, chosen, rejected = split_prompt(example)
     if not chosen.strip() or not rejected.strip():
         return None, "dropped_empty"
