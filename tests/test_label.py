@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime
 
 import pytest
@@ -99,6 +101,15 @@ def test_bad_requests_get_a_4xx_with_a_message_and_change_nothing(tmp_path, cand
             (400, page.post("/api/next", {"labeler": "alice"})),
             (400, page.post("/api/next", {"client": "bad client id!"})),
         ]
+        rebound = urllib.request.Request(server.url + "/", headers={"Host": "attacker.example:80"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a DNS-rebinding page cannot read the token
+            urllib.request.urlopen(rebound, timeout=30)
+        assert refused.value.code == 400 and b"unexpected Host" in refused.value.read()
+        spoofed = urllib.request.Request(server.url + "/api/label", data=json.dumps(good).encode(), method="POST",
+                                         headers={"Host": "attacker.example", "X-Label-Token": page.token})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(spoofed, timeout=30)
+        assert refused.value.code == 400
         for expected, (status, answer) in cases:
             assert status == expected, answer
             assert len(answer["error"]) > 10
@@ -345,6 +356,32 @@ def test_store_cuts_a_torn_last_line_and_locks_the_file(tmp_path):
     bad.write_text(good + "not json\n" + good)
     with pytest.raises(LabelError, match="bad.jsonl line 2: malformed JSON"):
         LabelFile(bad).open()
+
+
+def test_a_failed_write_is_taken_back_and_answered_with_an_error(tmp_path, candidates, monkeypatch):
+    import errno
+    import os
+
+    from tunelab.label import store
+
+    output = tmp_path / "prefs.jsonl"
+    with ThreadServer(candidate_session(candidates, output)) as server:
+        page = Client(server.url)
+        page.label(page.next()["pair"]["id"], "A")
+        before = output.read_bytes()
+        pair = page.next()["pair"]
+        real_fsync = os.fsync
+
+        def full_disk(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store.os, "fsync", full_disk)
+        status, answer = page.label(pair["id"], "B", label_id="try-1")
+        assert status == 500 and "No space left" in answer["error"]
+        assert output.read_bytes() == before  # the line written before the fsync failed is cut back off
+        monkeypatch.setattr(store.os, "fsync", real_fsync)
+        assert page.label(pair["id"], "B", label_id="try-1")[0] == 200  # the page retries: saved once
+    assert [r["choice"] for r in read_labels(output)] == ["A", "B"]
 
 
 def test_resume_after_sigkill_loses_no_acknowledged_label_and_repeats_none(tmp_path):

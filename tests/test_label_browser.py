@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 
 import pytest
@@ -175,3 +176,29 @@ def test_model_text_with_html_is_shown_as_text_and_never_runs(browser, tmp_path)
         page.close()
     row = read_labels(output)[0]
     assert row["chosen"] in (payload_a, payload_b) and json.dumps(row)
+
+
+def test_two_tabs_get_different_items_and_a_closed_tab_gives_its_item_back(browser, tmp_path):
+    candidates = write_candidates(tmp_path / "candidates.jsonl", n=3)
+    with ThreadServer(candidate_session(candidates, tmp_path / "prefs.jsonl")) as server:
+        context = browser.new_context()  # one browser profile: the tabs share storage, as real tabs do
+
+        def open_tab():
+            tab = context.new_page()
+            tab.goto(server.url)
+            tab.wait_for_selector("#guidelines h1")
+            tab.keyboard.press("Enter")
+            tab.wait_for_selector("#pair", state="visible")
+            return tab, tab.text_content("#prompt")
+
+        first, first_prompt = open_tab()
+        second, second_prompt = open_tab()
+        assert first_prompt != second_prompt
+        first.close(run_before_unload=True)
+        deadline = time.monotonic() + 10
+        while server.session.leases and len(server.session.leases) > 1:  # the closing tab said so
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        third, third_prompt = open_tab()
+        assert third_prompt == first_prompt
+        context.close()

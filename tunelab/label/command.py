@@ -50,7 +50,7 @@ def run_label(args, options=None) -> int:
     _check(args)
     require_web()
     from tunelab.label.items import load_candidates, load_prompt_items
-    from tunelab.label.server import create_app, default_guidelines, serve
+    from tunelab.label.server import LOOPBACK_NAMES, create_app, default_guidelines, serve
     from tunelab.label.session import LabelSession
     from tunelab.label.store import LabelFile
 
@@ -83,7 +83,8 @@ def run_label(args, options=None) -> int:
         if args.host not in LOOPBACK:
             print(f"tunelab label: listening on {args.host}: anyone who can reach this machine on that address can "
                   "open the page", file=sys.stderr)
-        app = create_app(session, guidelines)
+        # on a loopback address only loopback Host names are answered (no DNS rebinding); elsewhere any
+        app = create_app(session, guidelines, allowed_hosts=LOOPBACK_NAMES if args.host in LOOPBACK else None)
 
         def ready(url: str) -> None:
             print(f"tunelab label: {len(items)} prompts, {progress['total'] - progress['labeled']} labels to go, "

@@ -21,6 +21,7 @@ import re
 import secrets
 from pathlib import Path
 
+from tunelab.label import LabelError
 from tunelab.label.session import LabelSession, RequestError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -47,8 +48,24 @@ def default_guidelines() -> str:
     return (ASSETS / "guidelines.md").read_text(encoding="utf-8")
 
 
-def create_app(session: LabelSession, guidelines_markdown: str, token: str | None = None, title: str = "tunelab label"):
-    """The app; `app.state.token` holds the token state-changing requests must carry."""
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port (`[::1]:8765` -> `::1`)."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(session: LabelSession, guidelines_markdown: str, token: str | None = None, title: str = "tunelab label",
+               allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES):
+    """The app; `app.state.token` holds the token state-changing requests must carry.
+
+    `allowed_hosts`: the names a request's Host header may give (None: any). Served on a loopback address, only
+    loopback names are answered, so a web page whose own name was pointed at 127.0.0.1 (DNS rebinding) cannot
+    read the page and its token.
+    """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
@@ -104,6 +121,8 @@ def create_app(session: LabelSession, guidelines_markdown: str, token: str | Non
                 answer = await run_in_threadpool(action, body)  # file writes and fsyncs off the event loop
             except RequestError as exc:
                 return error(exc.status, str(exc))
+            except (LabelError, OSError) as exc:  # the labels file could not be written: nothing acknowledged
+                return error(500, f"the labels file could not be written: {exc}")
             return JSONResponse(answer)
         return endpoint
 
@@ -133,8 +152,8 @@ def create_app(session: LabelSession, guidelines_markdown: str, token: str | Non
         return JSONResponse({"guidelines_html": guidelines_html, "labeler": session.default_labeler,
                              "progress": session.progress(), "title": title})
 
-    class SecurityHeaders:
-        """Adds the security headers to every response (pure ASGI, so streaming and files are untouched)."""
+    class Guard:
+        """Refuses unexpected Host headers and adds the security headers to every response (pure ASGI)."""
 
         def __init__(self, app):
             self.app = app
@@ -142,17 +161,22 @@ def create_app(session: LabelSession, guidelines_markdown: str, token: str | Non
         async def __call__(self, scope, receive, send):
             if scope["type"] != "http":
                 return await self.app(scope, receive, send)
+            if allowed_hosts is not None:
+                host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+                if host_name(host).lower() not in allowed_hosts:
+                    return await error(400, f"unexpected Host header {host!r:.60}: open the page at the address "
+                                       "tunelab label printed")(scope, receive, send_with_headers_for(send))
+            await self.app(scope, receive, send_with_headers_for(send))
 
-            async def send_with_headers(message):
-                if message["type"] == "http.response.start":
-                    present = {name.lower() for name, _ in message.get("headers", [])}
-                    message.setdefault("headers", [])
-                    message["headers"] = list(message["headers"]) + [
-                        (name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()
-                        if name.encode() not in present]
-                await send(message)
-
-            await self.app(scope, receive, send_with_headers)
+    def send_with_headers_for(send):
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    (name.encode(), value.encode()) for name, value in SECURITY_HEADERS.items()
+                    if name.encode() not in present]
+            await send(message)
+        return send_with_headers
 
     routes = [
         Route("/", index),
@@ -165,7 +189,7 @@ def create_app(session: LabelSession, guidelines_markdown: str, token: str | Non
         Route("/api/release", handler({"client": (str, True)}, release), methods=["POST"]),
         Mount("/assets", StaticFiles(directory=str(ASSETS)), name="assets"),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+    app = Starlette(routes=routes, middleware=[Middleware(Guard)])
     app.state.token = token
     return app
 
@@ -184,8 +208,6 @@ def serve(app, host: str, port: int, on_ready=None) -> None:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        from tunelab.label import LabelError
-
         raise LabelError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port (0: any free one)")
     sock.listen(128)
     bound = sock.getsockname()[1]

@@ -12,7 +12,8 @@ loader drops such rows and counts them.
 
 Crash safety:
 - A label is one `write` of one line, flushed and fsynced (and the directory fsynced when the file is new)
-  before the server acknowledges it: a label the page was told is saved survives a kill of the server.
+  before the server acknowledges it: a label the page was told is saved survives a kill of the server. A write
+  that fails (a full disk) is cut back off and answered with an error, so the page keeps the label to retry.
 - An undo rewrites the file without that row: into a temporary file in the same folder, fsynced, then
   renamed over the labels file (and the folder fsynced). A kill at any moment leaves either the old file or
   the new one, never a mix, so every reader sees only current labels and needs no undo records.
@@ -130,15 +131,21 @@ class LabelFile:
             self._lock = None
 
     def append(self, row: dict) -> None:
-        """Write one row as one line, flushed and fsynced before returning."""
+        """Write one row as one line, flushed and fsynced before returning. A write that fails (a full disk) is
+        taken back, so the file never keeps half a row, and the error is raised: the label is not saved."""
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         new = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            written = 0
-            while written < len(line):
-                written += os.write(fd, line[written:])
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
         if new:

@@ -12,12 +12,9 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   };
 
-  // one client id per tab (kept across reloads of that tab, so a reload gets its item back)
-  let client = sessionStorage.getItem("tunelab-label-client");
-  if (!client) {
-    client = randomId();
-    sessionStorage.setItem("tunelab-label-client", client);
-  }
+  // one client id per page load: a duplicated tab is another page and gets another item (a page going away gives
+  // its item back, see pagehide below)
+  const client = randomId();
 
   let labeler = "";
   let current = null; // the pair shown: {id, prompt, a, b, identical}
