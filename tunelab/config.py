@@ -167,14 +167,36 @@ class RMConfig(RecipeConfig):
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # preference losses that need no reference model
+
+
 class DPOSection(Section):
-    beta: float = Field(0.1, gt=0, description="strength of the pull toward the reference (higher: stay closer)")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="DPO loss variant")
+    beta: float | None = Field(
+        None, gt=0, description="sigmoid/robust/ipo/hinge: strength of the pull toward the reference (higher: "
+        "stay closer; default 0.1); simpo: scale of the length-normalised rewards (default 2.0); orpo: weight "
+        "lambda of the odds-ratio term (default 0.1); null: that loss's default")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = Field(
+        "sigmoid", description="DPO loss variant; simpo and orpo are reference-free (no reference model at all)")
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="assumed label-noise rate (sigmoid: conservative DPO; robust)")
-    sft_weight: float = Field(0.0, ge=0, description="weight of an extra per-token NLL term on the chosen response")
+    gamma: float = Field(
+        0.5, ge=0, description="simpo: target reward margin gamma, in the units of the beta-scaled rewards "
+        "(TRL's simpo_gamma)")
+    sft_weight: float = Field(
+        0.0, ge=0, description="weight of an extra per-token NLL term on the chosen response (orpo has its own, "
+        "weight 1)")
     precompute_ref: bool = Field(
         False, description="compute reference log-probs once before training, then free the reference")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in REFERENCE_FREE_LOSSES
+
+    def resolved_beta(self) -> float:
+        """The beta in force: the configured one, or the chosen loss's default."""
+        if self.beta is not None:
+            return self.beta
+        return 2.0 if self.loss == "simpo" else 0.1
 
 
 class DPOConfig(RecipeConfig):

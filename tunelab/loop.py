@@ -5,7 +5,9 @@ a batch into `(loss_sum, metrics)`, a batch plan per epoch and a collate functio
 batch carries `n_items` (what its loss is averaged over: trained tokens for SFT, pairs for
 preference losses) and `n_tokens` (real tokens, for throughput). The loss of an optimizer step is
 the sum over its micro-batches divided by their total `n_items`, so gradient accumulation gives the
-same gradient as one large batch.
+same gradient as one large batch. A metric is a per-item mean (weighted by `n_items`), or a
+`(sum, count)` pair for a mean over some of the items only (KTO's rewards of desirable rows); either
+way the logged figure is exact over the whole step.
 
 The loop owns everything else: AdamW, warmup + linear/cosine decay, accumulation, clipping,
 precision through `accelerate`, held-out evaluation, metrics.jsonl, progress, checkpoints with
@@ -31,7 +33,9 @@ from tunelab.config import TrainConfig
 from tunelab.report import report_at_end
 
 Batch = dict[str, Any]
-StepFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+Metric = float | tuple[float, float]  # a per-item mean, or (sum, count) over some of the items
+StepFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, Metric]]]
+PrepareStepFn = Callable[[nn.Module, list[tuple[Batch, float]], torch.device], None]
 
 
 class TrainingError(RuntimeError):
@@ -104,9 +108,16 @@ class Progress:
             self.bar.close()
 
 
+def metric_parts(value: Metric, n_items: float) -> tuple[float, float]:
+    """(sum, count) of a step function's metric: a per-item mean counts every item of its batch."""
+    if isinstance(value, tuple):
+        return float(value[0]), float(value[1])
+    return value * n_items, n_items
+
+
 def evaluate(module: nn.Module, batches: list[Batch], step_fn: StepFn, device: torch.device,
              autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Mean loss (per item) and item-weighted metrics of `step_fn` over `batches`, without gradients.
+    """Mean loss (per item) and the metrics of `step_fn` over `batches`, without gradients.
 
     With several processes each evaluates its share of the batches once, all in the same number of
     forward passes (a sharded model needs every process in each one; a process short of a batch repeats
@@ -117,7 +128,7 @@ def evaluate(module: nn.Module, batches: list[Batch], step_fn: StepFn, device: t
     rounds = math.ceil(len(batches) / world)
     was_training = module.training
     module.eval()
-    loss_total, items, sums = 0.0, 0.0, {}
+    loss_total, items, sums, counts = 0.0, 0.0, {}, {}
     with torch.no_grad():
         for i in range(rounds):
             batch, weight = (mine[i], 1.0) if i < len(mine) else (batches[0], 0.0)
@@ -126,21 +137,26 @@ def evaluate(module: nn.Module, batches: list[Batch], step_fn: StepFn, device: t
             loss_total += weight * float(loss_sum.detach())
             items += weight * batch["n_items"]
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + weight * value * batch["n_items"]
+                metric_sum, metric_count = metric_parts(value, batch["n_items"])
+                sums[key] = sums.get(key, 0.0) + weight * metric_sum
+                counts[key] = counts.get(key, 0.0) + weight * metric_count
     module.train(was_training)
-    loss_total, items, sums = _combine(distributed.gather_objects((loss_total, items, sums)))
+    loss_total, items, sums, counts = _combine(distributed.gather_objects((loss_total, items, sums, counts)))
     if items == 0:
         return {}
-    return {"loss": loss_total / items, **{k: v / items for k, v in sums.items()}}
+    return {"loss": loss_total / items, **{k: v / counts[k] for k, v in sums.items() if counts[k]}}
 
 
-def _combine(parts: list[tuple[float, float, dict[str, float]]]) -> tuple[float, float, dict[str, float]]:
-    """Add up (loss sum, item count, metric sums) from every process."""
+def _combine(parts: list[tuple[float, float, dict[str, float], dict[str, float]]]
+             ) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """Add up (loss sum, item count, metric sums, metric counts) from every process."""
     sums: dict[str, float] = {}
-    for _, _, part in parts:
+    counts: dict[str, float] = {}
+    for _, _, part, part_counts in parts:
         for key, value in part.items():
             sums[key] = sums.get(key, 0.0) + value
-    return sum(p[0] for p in parts), sum(p[1] for p in parts), sums
+            counts[key] = counts.get(key, 0.0) + part_counts[key]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts), sums, counts
 
 
 def _append_metrics(run: RunDir, record: dict) -> None:
@@ -173,8 +189,14 @@ def describe_batch(world: int, batch_size: int, grad_accum: int) -> str:
 
 def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
           collate: Callable[[list[int]], Batch | list[Batch]], eval_batches: list[Batch], config: TrainConfig, lr: float,
-          run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train") -> TrainResult:
+          run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train",
+          prepare_step: PrepareStepFn | None = None) -> TrainResult:
     """Optimize the trainable parameters of `module`; see the module docstring for the contract.
+
+    `prepare_step(module, [(batch, weight), ...], device)`, when given, runs once per optimizer step before
+    its first micro-batch, on every process, with that process's micro-batches (weight 0 marks a repeat
+    that only keeps sharded processes in step): it may compute a quantity of the whole step, across
+    processes, and store it in the batches (KTO's reference point).
 
     With N processes each optimizer step takes `grad_accum x N` batches of the plan, each process its
     share; the loss is divided by the item count of all of them (summed over processes), so N processes
@@ -247,7 +269,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
 
     progress = Progress(total, step, quiet, config.log_every, desc)
     window: dict[str, float] = {}
-    window_steps, window_tokens, window_start = 0, 0, time.time()
+    window_counts: dict[str, int] = {}  # steps that logged each key (a metric may be missing from some)
+    window_tokens, window_start = 0, time.time()
     last_loss, started = None, time.time()
     module.train()
     try:
@@ -260,9 +283,12 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 if lockstep:  # as many passes as the busiest process: the extra ones repeat a batch, weighted 0
                     busiest = max(distributed.gather_objects(len(group)))
                     group += [(*group[0][:3], 0.0)] * (busiest - len(group))
+                if prepare_step is not None:
+                    with autocast():
+                        prepare_step(module, [(b, w) for _, _, b, w in group], device)
                 # the loss is a mean over every item of the step, on all processes together
                 n_items = distributed.all_sum_floats([sum(b["n_items"] * w for _, _, b, w in group)])[0] or 1
-                loss_total, n_tokens, sums = 0.0, 0, {}
+                loss_total, n_tokens, sums, counts = 0.0, 0, {}, {}
                 for i, (index, piece, batch, weight) in enumerate(group):
                     torch.manual_seed(distributed.derived_seed(config.seed, epoch, position + index, piece))
                     with distributed.micro_batch(accelerator, module, last=i == len(group) - 1):
@@ -273,9 +299,12 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                     loss_total += weight * float(loss_sum.detach())
                     n_tokens += weight * batch["n_tokens"]
                     for key, metric in metrics.items():  # per-item means, weighted by the micro-batch's items
-                        sums[key] = sums.get(key, 0.0) + weight * metric * batch["n_items"]
+                        metric_sum, metric_count = metric_parts(metric, batch["n_items"])
+                        sums[key] = sums.get(key, 0.0) + weight * metric_sum
+                        counts[key] = counts.get(key, 0.0) + weight * metric_count
                 keys = sorted(sums)
-                reduced = distributed.all_sum_floats([loss_total, n_tokens] + [sums[k] for k in keys])
+                reduced = distributed.all_sum_floats([loss_total, n_tokens] + [sums[k] for k in keys]
+                                                     + [counts[k] for k in keys])
                 if not math.isfinite(reduced[0]):  # seen by every process, so none waits in a collective
                     good = run.latest_checkpoint()
                     raise TrainingError(
@@ -283,7 +312,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                         f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
                         "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
                 step_loss = reduced[0] / n_items
-                sums = {k: v / n_items for k, v in zip(keys, reduced[2:])}
+                # (a metric no item of the step had, such as a mean over an empty subset, is left out)
+                sums = {k: v / c for k, v, c in zip(keys, reduced[2:2 + len(keys)], reduced[2 + len(keys):]) if c}
                 grad_norm = None
                 if config.max_grad_norm:  # (DeepSpeed has clipped in its step and reports the norm)
                     norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -294,24 +324,22 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                 step, position = step + 1, position + len(consumed)
                 last_loss = step_loss
 
-                window_steps += 1
                 window_tokens += int(reduced[1])
-                window["loss"] = window.get("loss", 0.0) + step_loss
-                for key, value in sums.items():
+                for key, value in {"loss": step_loss, **sums,
+                                   **({"grad_norm": grad_norm} if grad_norm is not None else {})}.items():
                     window[key] = window.get(key, 0.0) + value
-                if grad_norm is not None:
-                    window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+                    window_counts[key] = window_counts.get(key, 0) + 1
                 elapsed = time.time() - window_start
                 tokens_per_s = window_tokens / max(elapsed, 1e-9)
                 progress.update(step, loss=step_loss, tok_s=tokens_per_s)
                 if step % config.log_every == 0 or step == total:
                     record = {"step": step, "epoch": round(epoch + position / len(batches), 4),
-                              **{k: v / window_steps for k, v in window.items()},
+                              **{k: v / window_counts[k] for k, v in window.items()},
                               "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
                               "elapsed_s": round(time.time() - started, 2)}
                     if accelerator.is_main_process:
                         _append_metrics(run, record)
-                    window, window_steps, window_tokens, window_start = {}, 0, 0, time.time()
+                    window, window_counts, window_tokens, window_start = {}, {}, 0, time.time()
                 if config.eval_every and step % config.eval_every == 0 and step < total:
                     run_eval()
                 if config.save_every and step % config.save_every == 0:

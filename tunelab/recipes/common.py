@@ -126,8 +126,10 @@ def micro_batch_budget(config: RecipeConfig, model: nn.Module, device: torch.dev
 
 def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module, step_fn,
                  collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
-                 quiet: bool):
-    """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches."""
+                 quiet: bool, prepare_step=None):
+    """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches.
+
+    `prepare_step`: see `tunelab.loop.train`."""
     from tunelab.loop import train
 
     data, rows = prepared.data, prepared.data.train
@@ -138,7 +140,7 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
                                            config.train.batch_size, collate),
                  config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
-                 desc=desc)
+                 desc=desc, prepare_step=prepare_step)
 
 
 def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -> Path:

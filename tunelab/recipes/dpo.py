@@ -3,6 +3,7 @@
 What is specific here: two model roles (the trained policy and a frozen reference), both sides of every
 pair in one forward pass with log-probs on completion tokens only, and the DPO loss family. The
 reference is, cheapest first:
+  - none at all: the reference-free losses (`dpo.loss=simpo` or `orpo`) never load or compute one;
   - precomputed: log-probs computed once before training (`dpo.precompute_ref`), then the model is freed;
   - the policy's own base with the adapter disabled (LoRA): no second copy in memory;
   - a frozen copy (full fine-tuning, or `--ref` naming another model).
@@ -20,12 +21,12 @@ from torch import nn
 
 from tunelab import distributed
 
-from tunelab.config import DPOConfig, ModelConfig
+from tunelab.config import ConfigError, DPOConfig, ModelConfig
 from tunelab.data.dataset import TokenizedData
 from tunelab.data.preference import PolicyPair, prepare_policy_pairs
 from tunelab.logprobs import LogprobModel, token_logprobs
 from tunelab.loop import TrainResult, to_device
-from tunelab.losses import dpo_loss
+from tunelab.losses import dpo_loss, orpo_loss, simpo_loss
 from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
@@ -74,19 +75,27 @@ def reference_fn(policy: nn.Module, ref_model: nn.Module | None, chunk_size: int
 
 
 def dpo_step(config: DPOConfig, reference: RefFn | None):
-    """The loop's step function: policy and reference log-probs of both sides, then the DPO loss."""
+    """The loop's step function: policy (and, but for simpo and orpo, reference) log-probs of both sides,
+    then the preference loss."""
     dpo = config.dpo
+    beta = dpo.resolved_beta()
 
     def step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         logps = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sum(-1)
-        ref = batch["ref_logps"] if "ref_logps" in batch else reference(batch)
         policy_chosen, policy_rejected = logps.chunk(2)
-        ref_chosen, ref_rejected = ref.chunk(2)
-        loss_sum, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, dpo.beta, dpo.loss,
-                                     dpo.label_smoothing)
+        chosen_tokens, rejected_tokens = batch["loss_mask"].sum(-1).chunk(2)
+        if dpo.loss == "simpo":
+            loss_sum, metrics = simpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta,
+                                           dpo.gamma)
+        elif dpo.loss == "orpo":
+            loss_sum, metrics = orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta)
+        else:
+            ref = batch["ref_logps"] if "ref_logps" in batch else reference(batch)
+            ref_chosen, ref_rejected = ref.chunk(2)
+            loss_sum, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, dpo.loss,
+                                         dpo.label_smoothing)
         if dpo.sft_weight:
-            chosen_tokens = batch["loss_mask"].chunk(2)[0].sum(-1).clamp(min=1)
-            nll = -(policy_chosen / chosen_tokens)
+            nll = -(policy_chosen / chosen_tokens.clamp(min=1))
             loss_sum = loss_sum + dpo.sft_weight * nll.sum()
             metrics["sft_nll"] = nll.detach().mean()
         return loss_sum, {k: float(v) for k, v in metrics.items()}
@@ -118,13 +127,33 @@ def precompute_reference(pairs: list[PolicyPair], reference: RefFn, pad_id: int,
             pairs[i].ref_chosen, pairs[i].ref_rejected = chosen, rejected
 
 
+def check_reference_free(config: DPOConfig) -> None:
+    """simpo and orpo take no reference: the reference settings would silently do nothing, so they are errors."""
+    dpo = config.dpo
+    if not dpo.reference_free:
+        return
+    if config.ref is not None:
+        raise ConfigError(f"--ref (ref) has no use with dpo.loss={dpo.loss}, which is reference-free; drop it or "
+                          "pick a loss with a reference (sigmoid, robust, ipo, hinge)")
+    if dpo.precompute_ref:
+        raise ConfigError(f"dpo.precompute_ref=true has no use with dpo.loss={dpo.loss}, which is reference-free")
+    if dpo.loss == "orpo" and dpo.sft_weight:
+        raise ConfigError("dpo.sft_weight does not apply to dpo.loss=orpo: its loss already holds the chosen "
+                          "response's NLL (weight 1); the odds-ratio term's weight is dpo.beta")
+
+
 def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> DPOResult:
     """Optimize a policy on preference pairs and write `final/` into `config.output`."""
+    check_reference_free(config)
+    config.dpo.beta = config.dpo.resolved_beta()  # config.yaml records the value in force
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
-    chunk = config.train.logprob_chunk
+    if config.dpo.reference_free:
+        return _train_and_finish(prepared, config, policy, None, f"none ({config.dpo.loss} is reference-free)",
+                                 resume, quiet)
+    chunk, device = config.train.logprob_chunk, distributed.state().device
     same_weights = config.ref is None or config.ref == config.model.name_or_path
     # full fine-tuning from the reference's own weights: the policy before its first update is the
     # reference, so its log-probs are computed up front and no second copy is ever loaded
@@ -139,7 +168,6 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
     reference = reference_fn(policy, policy if from_start else ref_model, chunk)
     source = f"frozen copy of {config.ref or config.model.name_or_path}" if separate_ref else "adapter disabled"
 
-    device = distributed.state().device
     if config.dpo.precompute_ref or from_start:
         for model in (policy, ref_model):
             if model is not None:
@@ -152,10 +180,15 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
         gc.collect()
         source = ("precomputed from the starting weights before the first update (no second copy)" if from_start
                   else f"precomputed ({source}), then freed")
-    log(f"reference: {source}")
-
     if ref_model is not None:
         ref_model.to(device)
+    return _train_and_finish(prepared, config, policy, reference, source, resume, quiet)
+
+
+def _train_and_finish(prepared, config: DPOConfig, policy: nn.Module, reference: RefFn | None, source: str,
+                      resume: bool, quiet: bool) -> DPOResult:
+    log(f"reference: {source}")
+    tokenizer, data, chunk = prepared.tokenizer, prepared.data, config.train.logprob_chunk
     result = train_recipe(prepared, config, module=LogprobModel(policy, chunk), step_fn=dpo_step(config, reference),
                           collate=lambda pairs: collate_policy_pairs(pairs, tokenizer.pad_token_id),
                           length=pair_length, desc="dpo",
