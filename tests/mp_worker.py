@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 2 tests/mp_worker.py RECORD_DIR sft --model ... --output ...
 
 Each process appends JSON lines to RECORD_DIR/rank-<r>.jsonl: its pid, the row indices of every batch the
-training loop collated, and for PPO the inputs and outputs of advantage whitening and of the logged
-statistics. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
+training loop collated, for PPO the inputs and outputs of advantage whitening and of the logged
+statistics, and for KTO each reference point z0 with the log-ratios it was computed from. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
 after a checkpoint; TUNELAB_TEST_NAN_AT=RANK:CALL makes one step-function call of one process give NaN.
 TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
 on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU);
@@ -89,6 +89,16 @@ def install_recorders() -> None:
                returns=tensor(experience["returns"]), ended=tensor(rollout.ended.float()), statistics=result)
         return result
     ppo.rollout_statistics = recording_statistics
+
+    from tunelab.recipes import kto
+
+    reference_point = kto.kto_reference_point
+
+    def recording_reference_point(logratios, all_sum=None):  # KTO's z0: this process's rows and the result
+        result = reference_point(logratios, all_sum=all_sum)
+        record("kto_z0", logratios=tensor(logratios), z0=float(result), over_processes=all_sum is not None)
+        return result
+    kto.kto_reference_point = recording_reference_point
 
 
 def fixed_rollouts() -> None:

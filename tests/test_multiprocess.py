@@ -129,6 +129,34 @@ def test_dpo_two_processes_equal_one_with_a_shared_out_reference_pass(world, tmp
     assert_same_curves(tmp_path / "one", tmp_path / "two")
 
 
+def test_kto_two_processes_equal_one_with_the_reference_point_over_both(world, tmp_path):
+    """Full fine-tuning (a frozen reference copy on each process): each step's z0 is the mean log-ratio of the
+    mismatched rows of both processes, what one process gets from its two accumulated micro-batches."""
+    args = common_args(world, "kto", "pairs") + ["--max-steps", "4", "--peft", "none", "--lr", "3e-3",
+                                                 "kto.beta=0.5"]
+    launch(1, tmp_path / "rec1", args + ["--output", str(tmp_path / "one"), "train.grad_accum=2"])
+    two = launch(2, tmp_path / "rec2", args + ["--output", str(tmp_path / "two")])
+    assert "reference: frozen copy" in two.stderr
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-6
+    assert_same_curves(tmp_path / "one", tmp_path / "two")  # loss, kl (z0), rewards, held-out figures
+
+    def training_points(record: Path, rank: int) -> list[dict]:  # (held-out batches take z0 from their own rows)
+        return [r for r in records(record, rank, "kto_z0") if r["over_processes"]]
+    single, first, second = training_points(tmp_path / "rec1", 0), *(training_points(tmp_path / "rec2", r)
+                                                                     for r in (0, 1))
+    assert len(single) == len(first) == len(second) == 4
+    alone_differs = False
+    for one_step, a, b in zip(single, first, second):
+        assert a["z0"] == b["z0"] == pytest.approx(one_step["z0"], abs=1e-6)
+        both = a["logratios"] + b["logratios"]  # rank 0 ran the step's first batch, rank 1 its second
+        assert both == pytest.approx(one_step["logratios"], abs=1e-5)
+        assert a["z0"] == pytest.approx(max(0.0, sum(both) / len(both)), abs=1e-6)
+        alone_differs |= abs(max(0.0, sum(a["logratios"]) / len(a["logratios"])) - a["z0"]) > 1e-3
+    assert any(r["z0"] > 0 for r in single) and any(r["z0"] == 0 for r in single)  # both sides of the clamp
+    assert alone_differs  # a process's own rows alone would have given another z0
+    assert [m["kl"] for m in metrics(tmp_path / "two") if "kl" in m] == pytest.approx([r["z0"] for r in single])
+
+
 def test_resume_after_killing_the_launcher_matches_an_uninterrupted_run(world, tmp_path):
     """Kill the launcher after a checkpoint: its workers stop too; resuming on 2 processes ends with the
     weights of a run never interrupted (LoRA dropout on)."""

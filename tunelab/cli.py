@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, PPOConfig, RLOOConfig, RMConfig, SFTConfig,
-                            build_config, describe_fields)
+from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RLOOConfig, RMConfig,
+                            SFTConfig, build_config, describe_fields)
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
@@ -89,6 +89,7 @@ def _recipe_command(cls, module: str, function: str):
 cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")
 cmd_rm = _recipe_command(RMConfig, "tunelab.recipes.reward", "run_rm")
 cmd_dpo = _recipe_command(DPOConfig, "tunelab.recipes.dpo", "run_dpo")
+cmd_kto = _recipe_command(KTOConfig, "tunelab.recipes.kto", "run_kto")
 cmd_ppo = _recipe_command(PPOConfig, "tunelab.recipes.ppo", "run_ppo")
 cmd_grpo = _recipe_command(GRPOConfig, "tunelab.recipes.grpo", "run_grpo")
 cmd_rloo = _recipe_command(RLOOConfig, "tunelab.recipes.grpo", "run_rloo")
@@ -249,11 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
                          "prompt/chosen/rejected rows with no reward model and no sampling. Losses: sigmoid (DPO; "
                          "with dpo.label_smoothing: conservative DPO), robust, ipo, hinge; dpo.sft_weight adds an "
                          "NLL term on the chosen response. The reference is the adapter-disabled base with LoRA "
-                         "(no second copy), a frozen copy with full fine-tuning or --ref, or precomputed once "
-                         "with dpo.precompute_ref=true.", epilog=_keys_epilog(DPOConfig), formatter_class=formatter)
+                         "(no second copy); with --peft none, the starting weights' log-probs computed before the "
+                         "first update (no copy); a frozen copy for another --ref, which dpo.precompute_ref=true "
+                         "replaces by log-probs computed once. Reference-free losses (no reference model loaded or "
+                         "run): simpo (SimPO, Meng et al., 2024: -log sigmoid(beta * mean logp(chosen) - beta * "
+                         "mean logp(rejected) - dpo.gamma), mean = per completion token; beta defaults to 2.0 "
+                         "for it) and orpo (ORPO, Hong et al., 2024: chosen per-token NLL + beta * -log "
+                         "sigmoid(log odds(chosen) - log odds(rejected)), odds of the per-token mean "
+                         "probability; beta is its lambda, default 0.1).",
+                         epilog=_keys_epilog(DPOConfig), formatter_class=formatter)
     _add_recipe_flags(dpo, peft_choices=PEFT_CHOICES)
-    dpo.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
+    dpo.add_argument("--ref", help="reference model (default: the starting model --model; not with simpo or "
+                     "orpo) (ref)")
     dpo.set_defaults(func=cmd_dpo)
+
+    kto = sub.add_parser("kto", help="KTO on unpaired feedback: completions marked desirable or undesirable",
+                         description="KTO (Ethayarajh et al., 2024) on rows with prompt (text or chat messages), "
+                         "completion and label (true: desirable, false: undesirable); a preference-pair file "
+                         "(prompt/chosen/rejected) also works, each pair giving one desirable and one undesirable "
+                         "row (held-out pairs stay together, for a reward accuracy). With r = logp - ref_logp over "
+                         "the completion, the loss is kto.desirable_weight * (1 - sigmoid(kto.beta * (r - z0))) on "
+                         "desirable rows and kto.undesirable_weight * (1 - sigmoid(kto.beta * (z0 - r))) on "
+                         "undesirable ones; z0 estimates the KL to the reference from mismatched rows (each "
+                         "prompt with the next row's completion in its micro-batch), averaged over the whole "
+                         "optimizer step on every process, clamped at 0, with no gradient. The reference is the "
+                         "adapter-disabled base with LoRA (no second copy) and a frozen copy with --peft none or "
+                         "--ref. Logged: loss, rewards of desirable and undesirable rows, kl (z0), and on held-out "
+                         "pairs reward accuracy and margin.",
+                         epilog=_keys_epilog(KTOConfig), formatter_class=formatter)
+    _add_recipe_flags(kto, peft_choices=PEFT_CHOICES)
+    kto.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
+    kto.set_defaults(func=cmd_kto)
 
     ppo = sub.add_parser("ppo", help="RLHF with PPO: sample, score with a reward, optimize with a KL penalty",
                          description="RLHF with PPO. Each iteration samples responses for --batch-size prompts "

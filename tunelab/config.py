@@ -211,6 +211,27 @@ class DPOConfig(RecipeConfig):
         return 5e-5 if self.peft != "none" else 5e-7
 
 
+class KTOSection(Section):
+    beta: float = Field(0.1, gt=0, description="scale of the implicit reward beta * (logp - ref_logp) inside "
+                        "the sigmoid (higher: stay closer to the reference)")
+    desirable_weight: float = Field(1.0, gt=0, description="weight lambda_D of the loss on desirable rows")
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="weight lambda_U of the loss on undesirable rows (KTO suggests lambda_D * "
+        "desirable rows / (lambda_U * undesirable rows) between 1 and 4/3)")
+
+
+class KTOConfig(RecipeConfig):
+    """KTO: learning from unpaired desirable/undesirable feedback."""
+
+    ref: str | None = Field(None, description="reference model (--ref); default: the starting model")
+    kto: KTOSection = Field(default_factory=KTOSection)
+
+    def resolved_lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 5e-5 if self.peft != "none" else 5e-7
+
+
 class GenerationConfig(Section):
     temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")

@@ -250,7 +250,8 @@ def test_bf16_autocast_trains_close_to_fp32(world_dir, tmp_path):
 
 @pytest.mark.parametrize("command,options", [
     ("rm", ["--model", "--data", "--output", "reward.center_coef"]),
-    ("dpo", ["--ref", "dpo.beta", "dpo.loss", "dpo.precompute_ref"]),
+    ("dpo", ["--ref", "dpo.beta", "dpo.loss", "dpo.precompute_ref", "dpo.gamma", "simpo", "orpo"]),
+    ("kto", ["--ref", "kto.beta", "kto.desirable_weight", "kto.undesirable_weight", "label"]),
     ("ppo", ["--reward", "ppo.kl_coef", "generation.max_new_tokens", "ppo.critic"]),
     ("generate", ["--prompts", "--temperature", "--top-k", "--top-p", "--num-beams", "--repetition-penalty",
                   "--min-new-tokens", "--max-new-tokens", "--seed"]),

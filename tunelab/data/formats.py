@@ -103,8 +103,10 @@ def to_example(row: Row, fmt: str) -> Example:
     if fmt == "text":
         return Example(fmt, row.where, text=_string(row, "text"))
     if fmt == "prompt_completion":
+        # a `label` (KTO's desirable/undesirable feedback) is kept raw: only the recipe that reads it checks it
         return Example(fmt, row.where, prompt=text_or_messages(row, "prompt"),
-                       completion=_string(row, "completion"))
+                       completion=_string(row, "completion"),
+                       extra={"label": row.values["label"]} if "label" in row.values else {})
     if fmt == "alpaca":
         from tunelab.data.templates import alpaca_prompt
 
