@@ -95,6 +95,20 @@ cmd_grpo = _recipe_command(GRPOConfig, "tunelab.recipes.grpo", "run_grpo")
 cmd_rloo = _recipe_command(RLOOConfig, "tunelab.recipes.grpo", "run_rloo")
 
 
+def cmd_contrastive(args: argparse.Namespace) -> int:
+    from tunelab.config import ContrastiveConfig
+
+    return _recipe_command(ContrastiveConfig, "tunelab.recipes.contrastive", "run_contrastive")(args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from tunelab.embed import embed_file
+
+    count = embed_file(args.model, args.data, args.output, batch_size=args.batch_size, pooling=args.pooling)
+    print(f"embedded {count} texts -> {args.output}", file=sys.stderr)
+    return 0
+
+
 def _add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -321,6 +335,40 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                              "module:function (reward.source)")
         parser_.set_defaults(func=command)
+
+    from tunelab.config import ContrastiveConfig
+
+    contrastive = sub.add_parser(
+        "contrastive", help="contrastive fine-tuning of an embedding model (encoder or causal LM) on text pairs",
+        description="Train an embedding model with InfoNCE (multiple-negatives ranking) on rows with anchor and "
+        "positive (or query/document, or text1/text2) and optional hard negatives (negative: a text or a list). "
+        "Each anchor must pick its positive out of the batch's positives and all hard negatives, at "
+        "contrastive.temperature (or a learnable scale); positives identical to a row's own are masked, not "
+        "counted as negatives; contrastive.symmetric=true adds the positive-to-anchor direction. Pooling: "
+        "the model's own 1_Pooling/config.json, else mean (encoders) or last token (causal LMs; texts end "
+        "with EOS), or contrastive.pooling. Negatives are per process and batch (N processes = grad_accum "
+        "N); batches are never split by train.micro_batch_tokens: contrastive.grad_cache_chunk=N gives the "
+        "same gradient with the activations of N texts. Held-out accuracy@1, recall@k and MRR are logged "
+        "before and after. final/ loads with transformers AutoModel (LoRA merged in) and, for an encoder, "
+        "as a SentenceTransformer.", epilog=_keys_epilog(ContrastiveConfig), formatter_class=formatter)
+    _add_recipe_flags(contrastive, peft_choices=PEFT_CHOICES)
+    contrastive.set_defaults(func=cmd_contrastive)
+
+    embed = sub.add_parser("embed", help="write one embedding per text of a file (.npy, .jsonl or .parquet)",
+                           description="Embed every text of --data (rows with text, or sentence/anchor/query/"
+                           "document/positive; or a .txt file, one text per line) with a `tunelab contrastive` "
+                           "run, its final/, or any transformers or sentence-transformers model, using its "
+                           "pooling, normalisation and max length. --output is .npy ([N, D] float32), .jsonl "
+                           "(text and embedding per line) or .parquet; written to a temporary name and renamed "
+                           "into place, so no partial file is left.")
+    embed.add_argument("--model", required=True, help="a contrastive run directory, its final/, or a model")
+    embed.add_argument("--data", required=True, help="texts to embed (.jsonl/.json/.csv/.parquet/.txt)")
+    embed.add_argument("--output", required=True, help="file to write: .npy, .jsonl or .parquet")
+    embed.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    embed.add_argument("--pooling", choices=("auto", "mean", "cls", "last"), default="auto",
+                       help="pooling (default auto: the model's own, else mean for an encoder, last for a "
+                       "causal LM)")
+    embed.set_defaults(func=cmd_embed)
 
     score = sub.add_parser("score", help="add a reward-model score to each prompt + response row",
                            description="Score rows with a trained reward model (a `tunelab rm` run or its final/). "

@@ -345,6 +345,31 @@ class RLOOConfig(GRPOConfig):
     rl: RLOOSection = Field(default_factory=RLOOSection)
 
 
+class ContrastiveSection(Section):
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="how token states become one embedding: mean over real tokens, the [CLS] token, "
+        "or the last real token (auto: the model's own 1_Pooling/config.json, else mean for an encoder and "
+        "last for a causal LM)")
+    normalize: bool = Field(True, description="L2-normalise embeddings (similarity = cosine)")
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature: logits = cos / temperature")
+    learnable_scale: bool = Field(
+        False, description="learn the logit scale, starting at 1 / temperature (capped at 100)")
+    symmetric: bool = Field(False, description="also let each positive retrieve its anchor; the loss is the "
+                            "mean of both directions")
+    grad_cache_chunk: int | None = Field(
+        None, ge=1, description="gradient caching: embed the batch without gradients, then re-run it in "
+        "chunks of this many texts with the loss gradient (same gradient, activations of one chunk; null: off)")
+    recall_at: list[int] = Field([5, 10], description="k of the held-out recall@k figures (accuracy@1 and MRR "
+                                 "are always reported)")
+    eval_batch_size: int = Field(32, ge=1, description="texts per forward pass in held-out retrieval")
+
+
+class ContrastiveConfig(RecipeConfig):
+    """Contrastive fine-tuning of an embedding model (an encoder or a causal LM) on text pairs."""
+
+    contrastive: ContrastiveSection = Field(default_factory=ContrastiveSection)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a config from layers
 

@@ -425,3 +425,38 @@ def group_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     if loss_norm == "token":
         return masked_sum(per_token, mask), mask.sum(), metrics
     raise ValueError(f"unknown loss normalisation '{loss_norm}'; expected sequence or token")
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive: InfoNCE / multiple-negatives ranking over in-batch and hard negatives
+
+
+def info_nce_loss(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor | float,
+                  exclude: torch.Tensor | None = None, symmetric: bool = False
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InfoNCE (multiple-negatives ranking): anchor i's positive is candidate i, every other candidate
+    (the other rows' positives, then any hard negatives) is a negative.
+
+        l_i = -log softmax_j(scale * a_i . c_j)[i]
+
+    With `symmetric`, each positive also has to pick its own anchor out of all anchors, and a row's
+    loss is the mean of both directions: (l_i + l'_i) / 2 with l'_i = -log softmax_j(scale * c_i . a_j)[i].
+
+    `anchors`: `[B, D]`; `candidates`: `[B + M, D]` (normalise both beforehand for cosine similarity);
+    `scale`: 1 / temperature; `exclude`: `[B, B + M]` bool, True where a candidate is not to be counted
+    as a negative of that row (a duplicate of its positive); the diagonal is never excluded.
+    Returns (loss summed over the B rows, metrics: in-batch top-1 accuracy as a per-row mean).
+    With B identical embeddings and nothing excluded the loss per row is log(B + M).
+    """
+    batch = anchors.shape[0]
+    logits = scale * anchors @ candidates.T
+    diagonal = torch.eye(batch, candidates.shape[0], dtype=torch.bool, device=logits.device)
+    if exclude is not None:
+        logits = logits.masked_fill(exclude.to(logits.device) & ~diagonal, float("-inf"))
+    target = torch.arange(batch, device=logits.device)
+    per_row = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    if symmetric:
+        backward = logits[:, :batch].T  # positive i against every anchor (the same exclusions, transposed)
+        per_row = (per_row + torch.nn.functional.cross_entropy(backward, target, reduction="none")) / 2
+    accuracy = (logits.detach().argmax(dim=1) == target).float().mean()
+    return per_row.sum(), {"accuracy": accuracy}
