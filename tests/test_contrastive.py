@@ -234,6 +234,7 @@ def test_grad_cache_gives_the_plain_gradient(which, tiny_dir):
     cached = _gradients(module, batch, 4)
     assert plain.keys() == cached.keys() and len(plain) > 10 and "log_scale" in plain
     worst = max(float((plain[n] - cached[n]).abs().max()) for n in plain)
+    print(f"{which}: largest gradient difference, cached vs plain: {worst:.2e}")
     assert worst < 1e-5, worst
     assert max(float(g.abs().max()) for g in plain.values()) > 1e-4  # the gradients are not trivially zero
 
@@ -250,6 +251,7 @@ def test_tiny_causal_lm_last_token_learns_and_embeds(tmp_path, tiny_dir):
     losses = [r["loss"] for r in records if "loss" in r and r.get("split") != "eval"]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
     before, after = result.before["retrieval_accuracy_at_1"], result.after["retrieval_accuracy_at_1"]
+    print(f"tiny causal LM held-out accuracy@1: {before:.3f} -> {after:.3f}")
     assert after >= before + 0.2, (before, after)
     evals = [r for r in records if "eval_retrieval_accuracy_at_1" in r]
     assert [r["step"] for r in evals] == [0, result.train.steps]
@@ -265,6 +267,32 @@ def test_tiny_causal_lm_last_token_learns_and_embeds(tmp_path, tiny_dir):
     lines = [json.loads(line) for line in (tmp_path / "emb.jsonl").read_text().splitlines()]
     assert [r["text"] for r in lines] == ["a loud kazo", "the river"] and len(lines[0]["embedding"]) == 32
     assert np.linalg.norm(lines[0]["embedding"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_grad_cache_training_reaches_the_same_weights_and_resume_continues(tmp_path, tiny_dir):
+    """Through the loop (its loss scaling, clipping, AdamW): two steps with gradient caching in chunks of 3
+    end at the weights of two plain steps; a resumed run continues from its checkpoint."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**r, "negative": r["document"][::-1]}
+                                                  for r in retrieval_rows(4, 4, seed=4)])
+    finals = []
+    for chunk in (None, 3):
+        section = ContrastiveSection(grad_cache_chunk=chunk, learnable_scale=True, symmetric=True)
+        config = contrastive_config(tiny_dir, data, tmp_path / f"run-{chunk}", section=section, max_steps=2,
+                                    lr=1e-3, batch_size=6)
+        finals.append(load_file(run_contrastive(config, quiet=True).final_dir / "model.safetensors"))
+    worst = max(float((finals[0][k] - finals[1][k]).abs().max()) for k in finals[0])
+    assert worst < 1e-5, worst
+    start = load_file(tiny_dir / "model.safetensors")
+    assert max(float((finals[0][k] - start["model." + k]).abs().max()) for k in finals[0]) > 1e-4  # it trained
+    config = contrastive_config(tiny_dir, data, tmp_path / "run-resume", max_steps=2, save_every=2, batch_size=6)
+    run_contrastive(config, quiet=True)
+    config.train.max_steps = 4
+    resumed = run_contrastive(config, resume=True, quiet=True)
+    assert resumed.train.steps == 4 and resumed.before == {}
+    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps[-1] == 4
 
 
 @pytest.mark.parametrize("peft", ["lora", "prompt"])
@@ -298,11 +326,11 @@ def test_cli_contrastive_bad_input_is_a_located_error(tmp_path, tiny_dir, capsys
 @needs_minilm
 def test_pretrained_minilm_learns_invented_topics_and_loads_in_sentence_transformers(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", retrieval_rows(24, 6, seed=0))
-    config = contrastive_config(MINILM_DIR, data, tmp_path / "run", max_steps=16, lr=1e-4, batch_size=16)
+    config = contrastive_config(MINILM_DIR, data, tmp_path / "run", max_steps=10, lr=2e-4, batch_size=16)
     result = run_contrastive(config, quiet=True)
     before, after = result.before["retrieval_accuracy_at_1"], result.after["retrieval_accuracy_at_1"]
     print(f"MiniLM held-out accuracy@1: {before:.3f} -> {after:.3f}")
-    assert after >= before + 0.1, (before, after)
+    assert after >= before + 0.15, (before, after)
     assert result.after["retrieval_mrr"] > result.before["retrieval_mrr"]
 
     from sentence_transformers import SentenceTransformer

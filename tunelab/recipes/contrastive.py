@@ -219,6 +219,6 @@ def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrit
         report_at_end(prepared.run.path, True)  # again, with the retrieval figures in the plots
     final = write_embedding_final(prepared.run, model, tokenizer, config, pooling, result.module)
     log(f"contrastive done: {result.steps} steps in {result.seconds:.1f}s"
-        + (f"; held-out accuracy@1 {before.get('retrieval_accuracy_at_1', float('nan')):.3f} -> "
-           f"{after['retrieval_accuracy_at_1']:.3f}" if after else "") + f"; model in {final}")
+        + ("; held-out accuracy@1 " + (f"{before['retrieval_accuracy_at_1']:.3f} -> " if before else "")
+           + f"{after['retrieval_accuracy_at_1']:.3f}" if after else "") + f"; model in {final}")
     return ContrastiveResult(prepared.run.path, final, result, data, before, after)
