@@ -349,3 +349,25 @@ def test_pretrained_minilm_learns_invented_topics_and_loads_in_sentence_transfor
     assert ours.shape == theirs.shape == (3, 384)
     assert np.abs(ours - theirs).max() < 1e-5
     assert not list(tmp_path.glob(".tmp-*"))  # nothing partial left beside the output
+
+
+def test_two_processes_equal_one_with_grad_accum(tmp_path, tiny_dir):
+    """Negatives are per process: 2 processes with batch 4 end at the weights of 1 process with batch 4 and
+    grad_accum 2. Gradient caching is refused on several processes."""
+    from tests.test_multiprocess import launch, weights
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", retrieval_rows(6, 4, seed=5))
+    common = ["contrastive", "--model", str(tiny_dir), "--data", str(data), "--max-steps", "3", "--peft", "none",
+              "--lr", "1e-3", "--batch-size", "4", "--quiet", "train.warmup_ratio=0", "train.report=false"]
+    launch(2, tmp_path / "record", common + ["--output", str(tmp_path / "two")])
+    assert main(common + ["--output", str(tmp_path / "one"), "train.grad_accum=2"]) == 0
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+
+
+def test_grad_cache_refused_on_several_processes(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = contrastive_config(tiny_dir, tmp_path / "none.jsonl", tmp_path / "run",
+                                section=ContrastiveSection(grad_cache_chunk=4))
+    with pytest.raises(ConfigError, match="grad_cache_chunk works on one process only"):
+        run_contrastive(config, quiet=True)

@@ -21,7 +21,7 @@ import torch
 
 from tunelab import distributed
 from tunelab.checkpoint import atomic_dir
-from tunelab.config import ContrastiveConfig
+from tunelab.config import ConfigError, ContrastiveConfig
 from tunelab.data.batching import pad_batch
 from tunelab.data.dataset import TokenizedData
 from tunelab.data.pairs import TextPair, is_encoder_tokenizer, prepare_pair_data
@@ -184,6 +184,11 @@ def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrit
     """Train an embedding model with InfoNCE and write `final/` into `config.output`."""
     config.train.micro_batch_tokens = None  # in-batch negatives need the whole batch in one pass
     section = config.contrastive
+    if section.grad_cache_chunk and distributed.launched_world_size() > 1:
+        # the chunks' backward runs inside the loop's backward, where DDP cannot finish one reduction
+        # before the next chunk's forward starts another
+        raise ConfigError("contrastive.grad_cache_chunk works on one process only; with several processes "
+                          "lower train.batch_size and raise train.grad_accum instead (negatives are per batch)")
     chosen: dict[str, str] = {}
 
     def prepare_data(tokenizer):
