@@ -16,11 +16,12 @@ import torch
 
 from tests.helpers import make_tiny_model_dir, write_jsonl
 from tunelab.cli import main
-from tunelab.config import ConfigError, ContrastiveConfig, ContrastiveSection, DataConfig, DataSource, ModelConfig, TrainConfig
+from tunelab.config import (ConfigError, ContrastiveConfig, ContrastiveSection, DataConfig, DataSource, ModelConfig,
+                            TrainConfig)
 from tunelab.data.load import DataError
 from tunelab.data.pairs import TextPair, prepare_pair_data
 from tunelab.embed import (EmbeddingModule, check_pad_token, load_encoder_body, model_pooling, pool,
-                           resolve_pooling, retrieval_metrics)
+                           resolve_pooling, retrieval_metrics, write_embeddings)
 from tunelab.losses import info_nce_loss
 from tunelab.modeling import ModelLoadError, load_tokenizer
 from tunelab.recipes.contrastive import collate_text_pairs, contrastive_step, run_contrastive
@@ -49,7 +50,8 @@ def retrieval_rows(topics: int, per_topic: int, seed: int = 0) -> list[dict]:
     for _ in range(topics):
         q, p = word(), word()
         for d in rng.sample(DETAILS, per_topic):
-            rows.append({"query": rng.choice(QUERIES).format(q=q, d=d), "document": rng.choice(PASSAGES).format(p=p, d=d)})
+            rows.append({"query": rng.choice(QUERIES).format(q=q, d=d),
+                         "document": rng.choice(PASSAGES).format(p=p, d=d)})
     rng.shuffle(rows)
     return rows
 
@@ -139,7 +141,8 @@ def test_pooling_modes():
 
 
 def test_collate_masks_duplicate_positives():
-    pairs = [TextPair([1, 5], [1, 7, 8]), TextPair([1, 6], [1, 7, 8]), TextPair([1, 9], [1, 3], [[1, 7, 8], [1, 4]])]
+    pairs = [TextPair([1, 5], [1, 7, 8]), TextPair([1, 6], [1, 7, 8]),
+             TextPair([1, 9], [1, 3], [[1, 7, 8], [1, 4]])]
     batch = collate_text_pairs(pairs, 0)
     assert batch["negative_ids"].shape == (2, 3) and batch["n_items"] == 3
     expected = torch.tensor([[False, True, False, True, False],
@@ -371,3 +374,21 @@ def test_grad_cache_refused_on_several_processes(tmp_path, tiny_dir, monkeypatch
                                 section=ContrastiveSection(grad_cache_chunk=4))
     with pytest.raises(ConfigError, match="grad_cache_chunk works on one process only"):
         run_contrastive(config, quiet=True)
+
+
+def test_embeddings_written_atomically(tmp_path, monkeypatch):
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = write_embeddings(str(tmp_path / "e.npy"), ["a", "b"], vectors)
+    assert np.array_equal(np.load(out), vectors.numpy())
+    # a write that fails half way leaves the old file as it was and no temporary file
+    import pyarrow.parquet as pq
+
+    def broken(table, where):
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(pq, "write_table", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_embeddings(str(tmp_path / "e.parquet"), ["a", "b"], vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy"]
+    with pytest.raises(ValueError, match="expected a .npy, .jsonl or .parquet file"):
+        write_embeddings(str(tmp_path / "e.csv"), ["a"], vectors[:1])

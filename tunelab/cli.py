@@ -348,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's own 1_Pooling/config.json, else mean (encoders) or last token (causal LMs; texts end "
         "with EOS), or contrastive.pooling. Negatives are per process and batch (N processes = grad_accum "
         "N); batches are never split by train.micro_batch_tokens: contrastive.grad_cache_chunk=N gives the "
-        "same gradient with the activations of N texts (one process only). Held-out accuracy@1, recall@k and MRR are logged "
-        "before and after. final/ loads with transformers AutoModel (LoRA merged in) and, for an encoder, "
-        "as a SentenceTransformer.", epilog=_keys_epilog(ContrastiveConfig), formatter_class=formatter)
+        "same gradient with the activations of N texts (one process only). Held-out accuracy@1, recall@k and "
+        "MRR are logged before and after. final/ loads with transformers AutoModel (LoRA merged in) and, for an "
+        "encoder, as a SentenceTransformer.", epilog=_keys_epilog(ContrastiveConfig), formatter_class=formatter)
     _add_recipe_flags(contrastive, peft_choices=PEFT_CHOICES)
     contrastive.set_defaults(func=cmd_contrastive)
 

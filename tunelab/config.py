@@ -359,8 +359,15 @@ class ContrastiveSection(Section):
     grad_cache_chunk: int | None = Field(
         None, ge=1, description="gradient caching: embed the batch without gradients, then re-run it in "
         "chunks of this many texts with the loss gradient (same gradient, activations of one chunk; null: off)")
-    recall_at: list[int] = Field([5, 10], description="k of the held-out recall@k figures (accuracy@1 and MRR "
-                                 "are always reported)")
+    recall_at: tuple[int, ...] = Field((5, 10), description="k of the held-out recall@k figures, e.g. [5, 10] "
+                                       "(accuracy@1 and MRR are always reported)")
+
+    @field_validator("recall_at")
+    @classmethod
+    def _positive_k(cls, value):
+        if any(k < 1 for k in value):
+            raise ValueError("every k must be at least 1")
+        return value
     eval_batch_size: int = Field(32, ge=1, description="texts per forward pass in held-out retrieval")
 
 

@@ -297,6 +297,8 @@ def embed_file(model: str, data: str, output: str, batch_size: int = 32, pooling
     """`tunelab embed`: one embedding per text of `data`, in order, written to `output`. Returns the count."""
     from tunelab.data.pairs import load_texts
 
+    if Path(output).suffix.lower() not in (".npy", ".jsonl", ".parquet"):
+        raise ValueError(f"--output {output}: expected a .npy, .jsonl or .parquet file")
     texts = load_texts(data)
     module, tokenizer, settings = load_embedding_model(model, pooling)
     sequences = [encode_text(tokenizer, t, settings.max_length) for t in texts]
