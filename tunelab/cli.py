@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the completion, the loss is kto.desirable_weight * (1 - sigmoid(kto.beta * (r - z0))) on "
                          "desirable rows and kto.undesirable_weight * (1 - sigmoid(kto.beta * (z0 - r))) on "
                          "undesirable ones; z0 estimates the KL to the reference from mismatched rows (each "
-                         "prompt with the next row's completion in its micro-batch), averaged over the whole "
+                         "prompt with the next row's completion in its batch), averaged over the whole "
                          "optimizer step on every process, clamped at 0, with no gradient. The reference is the "
                          "adapter-disabled base with LoRA (no second copy) and a frozen copy with --peft none or "
                          "--ref. Logged: loss, rewards of desirable and undesirable rows, kl (z0), and on held-out "

@@ -12,7 +12,7 @@ from tests.helpers import make_tiny_model_dir, write_jsonl
 from tests.recipes.test_reward import review_pairs
 from tunelab.cli import main
 from tunelab.config import ConfigError, DataConfig, DataSource, KTOConfig, ModelConfig, TrainConfig, build_config
-from tunelab.data.feedback import collate_feedback, prepare_feedback_data
+from tunelab.data.feedback import collate_feedback, prepare_feedback_data, with_kl_partners
 from tunelab.data.load import DataError
 from tunelab.recipes.kto import run_kto
 
@@ -83,6 +83,16 @@ def test_collate_pairs_each_prompt_with_the_next_rows_completion(tokenizer, tmp_
     assert short["kl_valid"].all() and short["kl_input_ids"].shape[1] == 20  # cut at max_length
     alone = collate_feedback([data.train[0]], tokenizer.pad_token_id, max_length=512)
     assert not alone["kl_valid"].any() and alone["pairs"].shape == (0, 2)
+    # a training batch is paired as a whole before it is split: each micro-batch keeps its rows' partners
+    batch_rows = data.train[:4]
+    paired = with_kl_partners(batch_rows)
+    assert [item.partners[0] for item in paired] == [item.rows[0] for item in batch_rows[1:] + batch_rows[:1]]
+    piece = collate_feedback(paired[1:3], tokenizer.pad_token_id, max_length=512)
+    whole = collate_feedback(paired, tokenizer.pad_token_id, max_length=512)
+    for j in range(2):
+        width = int(piece["kl_attention_mask"][j].sum())
+        assert piece["kl_input_ids"][j, :width].tolist() == whole["kl_input_ids"][j + 1, :width].tolist()
+    assert piece["kl_valid"].all()  # the last row of the piece still borrows from the batch's next row
 
 
 def test_a_label_that_is_not_a_boolean_names_the_file_line_and_field(tokenizer, tmp_path):

@@ -9,9 +9,11 @@ import torch
 
 from tests.helpers import instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
 from tests.recipes.test_dpo import dpo_config
+from tests.recipes.test_kto import kto_config
 from tests.recipes.test_reward import review_pairs, rm_config
 from tunelab.recipes.common import split_by_tokens
 from tunelab.recipes.dpo import run_dpo
+from tunelab.recipes.kto import run_kto
 from tunelab.recipes.reward import run_rm
 from tunelab.recipes.sft import run_sft
 
@@ -36,32 +38,37 @@ def test_split_keeps_every_row_and_respects_the_budget():
     assert split_by_tokens([3, 1], lengths, budget=None) == [[3, 1]]
 
 
-@pytest.mark.parametrize("recipe", ["sft", "rm", "dpo"])
+@pytest.mark.parametrize("recipe", ["sft", "rm", "dpo", "kto"])
 def test_micro_batches_give_the_same_losses_as_whole_batches(recipe, tiny_dir, tmp_path):
     if recipe == "sft":
         data = write_jsonl(tmp_path / "rows.jsonl", instruction_rows(40))
         make, run = (lambda out, **kw: sft_config(tiny_dir, data, out, peft="none", **kw)), run_sft
     else:
         data = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(40))
-        make = rm_config if recipe == "rm" else dpo_config
-        make = (lambda out, _make=make, **kw: _make(tiny_dir, data, out, **({"peft": "none"} if recipe == "dpo" else {}),
+        make = {"rm": rm_config, "dpo": dpo_config, "kto": kto_config}[recipe]
+        make = (lambda out, _make=make, **kw: _make(tiny_dir, data, out, **({} if recipe == "rm" else {"peft": "none"}),
                                                      **kw))
-        run = run_rm if recipe == "rm" else run_dpo
+        # (KTO: its KL rows pair each prompt with the next row's completion across the whole batch)
+        run = {"rm": run_rm, "dpo": run_dpo, "kto": run_kto}[recipe]
     records = {}
     for name, budget in (("whole", None), ("split", 64)):
         config = make(tmp_path / name, max_steps=4, lr=1e-3, log_every=1, micro_batch_tokens=budget)
         if recipe == "rm":
             config.peft = "none"
+        if recipe == "kto":  # far enough from the reference, within 4 steps, for the KL estimate z0 to leave 0
+            config.train.lr, config.train.batch_size, config.train.grad_accum = 1e-2, 4, 2
         run(config, quiet=True)
         records[name] = train_records(tmp_path / name)
     whole, split = records["whole"], records["split"]
     assert len(whole) == 4
     for a, b in zip(whole, split):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
-        for key in ("accuracy", "reward_accuracy", "margin", "reward_margin"):
+        for key in ("accuracy", "reward_accuracy", "margin", "reward_margin", "kl", "reward_desirable"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), key
     assert whole[-1]["loss"] != pytest.approx(whole[0]["loss"], abs=1e-3)  # the weights did move
+    if recipe == "kto":  # (split at 64 tokens, every micro-batch holds one row: its partner is in another)
+        assert any(r["kl"] > 0 for r in whole)
 
 
 def test_fused_adamw_follows_the_per_tensor_update(tiny_dir, tmp_path, monkeypatch):

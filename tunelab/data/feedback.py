@@ -10,7 +10,7 @@ implicit reward beats the rejected side's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,10 +38,15 @@ class FeedbackRow:
 
 @dataclass
 class FeedbackItem:
-    """One row, or a held-out preference pair as its (desirable, undesirable) rows."""
+    """One row, or a held-out preference pair as its (desirable, undesirable) rows.
+
+    `partners`, once set for a training batch (`with_kl_partners`), hold the row whose completion each row's
+    prompt is paired with for KTO's KL estimate.
+    """
 
     rows: list[FeedbackRow]
     where: str = ""
+    partners: list[FeedbackRow] | None = None
 
 
 def parse_label(example: Example) -> bool:
@@ -109,14 +114,35 @@ def item_length(item: FeedbackItem) -> int:
     return sum(len(row.rendered.ids) for row in item.rows)
 
 
+def _flat_rows(items: list[FeedbackItem]) -> list[tuple[FeedbackRow, FeedbackRow | None]]:
+    """(row, KL partner or None) of a batch: the first rows of the items, then the undesirable halves of pairs."""
+    def partner(item: FeedbackItem, k: int) -> FeedbackRow | None:
+        return item.partners[k] if item.partners else None
+    return ([(item.rows[0], partner(item, 0)) for item in items]
+            + [(item.rows[1], partner(item, 1)) for item in items if len(item.rows) == 2])
+
+
+def with_kl_partners(items: list[FeedbackItem]) -> list[FeedbackItem]:
+    """A training batch's items with each row's KL partner set: the next row of the whole batch (the last row
+    takes the first's), so that splitting the batch into micro-batches leaves the pairing as it is."""
+    rows = [row for row, _ in _flat_rows(items)]
+    following = [rows[(j + 1) % len(rows)] for j in range(len(rows))]
+    firsts, seconds = iter(following[:len(items)]), iter(following[len(items):])
+    return [replace(item, partners=[next(firsts)] + ([next(seconds)] if len(item.rows) == 2 else []))
+            for item in items]
+
+
 def collate_feedback(items: list[FeedbackItem], pad_id: int, max_length: int) -> dict:
     """Rows `[R, T]` (first rows of the items, then the undesirable halves of pairs) with completion masks,
     `desirable [R]`, `pairs [P, 2]` (row indices of each pair's desirable and undesirable side), and the
-    mismatched rows of KTO's KL estimate as `kl_input_ids`, `kl_attention_mask`, `kl_loss_mask`: row j's
-    prompt with row j+1's completion (the last takes the first's), cut at `max_length`. A batch of one row
-    has no other completion to borrow: its KL row is marked invalid (`kl_valid [R]`).
+    mismatched rows of KTO's KL estimate as `kl_input_ids`, `kl_attention_mask`, `kl_loss_mask`: each row's
+    prompt with its partner's completion (set by `with_kl_partners`, else the next row of these items; the
+    last takes the first's), cut at `max_length`. A row whose partner is itself (a batch of one row) gives
+    no mismatched pair: `kl_valid [R]` is False there.
     """
-    rows = [item.rows[0] for item in items] + [item.rows[1] for item in items if len(item.rows) == 2]
+    flat = _flat_rows(items)
+    rows = [row for row, _ in flat]
+    partners = [partner if partner is not None else rows[(j + 1) % len(rows)] for j, (_, partner) in enumerate(flat)]
     paired = [i for i, item in enumerate(items) if len(item.rows) == 2]
     batch = pad_batch([r.rendered.ids for r in rows], [r.rendered.mask for r in rows], pad_id)
     batch["n_items"] = len(rows)
@@ -124,13 +150,12 @@ def collate_feedback(items: list[FeedbackItem], pad_id: int, max_length: int) ->
     batch["desirable"] = torch.tensor([r.desirable for r in rows], dtype=torch.bool)
     batch["pairs"] = torch.tensor([[i, len(items) + j] for j, i in enumerate(paired)], dtype=torch.long).view(-1, 2)
     kl_ids, kl_masks = [], []
-    for j, row in enumerate(rows):
-        other = rows[(j + 1) % len(rows)]
+    for row, other in zip(rows, partners):
         start, other_start = row.completion_start, other.completion_start
         ids = (row.rendered.ids[:start] + other.rendered.ids[other_start:])[:max_length]
         kl_ids.append(ids)
         kl_masks.append(([0] * start + other.rendered.mask[other_start:])[:max_length])
     kl = pad_batch(kl_ids, kl_masks, pad_id)
     batch.update({f"kl_{key}": value for key, value in kl.items()})
-    batch["kl_valid"] = torch.full((len(rows),), len(rows) > 1, dtype=torch.bool)
+    batch["kl_valid"] = torch.tensor([other is not row for row, other in zip(rows, partners)], dtype=torch.bool)
     return batch

@@ -126,17 +126,27 @@ def micro_batch_budget(config: RecipeConfig, model: nn.Module, device: torch.dev
 
 def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module, step_fn,
                  collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
-                 quiet: bool, prepare_step=None):
+                 quiet: bool, prepare_step=None, regroup: Callable[[list], list] | None = None):
     """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches.
 
+    `regroup`, when given, maps each training batch's items (in the plan's order) to the items its
+    micro-batches collate, one for one, before the batch is split: what an item needs from the rest of
+    its batch (KTO's mismatched completions) is then the same whatever `train.micro_batch_tokens` is.
     `prepare_step`: see `tunelab.loop.train`."""
     from tunelab.loop import train
 
     data, rows = prepared.data, prepared.data.train
     lengths = [length(r) for r in rows]
     budget = micro_batch_budget(config, prepared.model, distributed.state().device)
-    return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config),
-                 collate=lambda ix: [collate([rows[i] for i in piece]) for piece in split_by_tokens(ix, lengths, budget)],
+
+    def collate_batch(indices: list[int]) -> list[dict]:
+        items = [rows[i] for i in indices]
+        if regroup is not None:
+            items = regroup(items)
+        pieces = split_by_tokens(list(range(len(indices))), [lengths[i] for i in indices], budget)
+        return [collate([items[k] for k in piece]) for piece in pieces]
+
+    return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config), collate=collate_batch,
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
                                            config.train.batch_size, collate),
                  config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,

@@ -2,8 +2,9 @@
 
 Each row's implicit reward is beta * (log pi(y|x) - log ref(y|x)), pushed above a reference point z0 for
 desirable rows and below it for undesirable ones (`tunelab.losses.kto_loss`). z0 estimates KL(pi || ref)
-from mismatched rows: within each micro-batch, row j's prompt with row j+1's completion, scored by the
-policy and the reference without gradients. It is one number per optimizer step, the mean over every
+from mismatched rows: within each batch, row j's prompt with row j+1's completion (paired before the
+batch is split into micro-batches, so `train.micro_batch_tokens` does not change it), scored by the policy
+and the reference without gradients or dropout. It is one number per optimizer step, the mean over every
 micro-batch of every process (clamped at 0), so N processes train as one does with N x the accumulation.
 Held-out batches each take z0 from their own rows.
 
@@ -23,7 +24,7 @@ from torch import nn
 from tunelab import distributed
 from tunelab.config import KTOConfig, ModelConfig
 from tunelab.data.dataset import TokenizedData
-from tunelab.data.feedback import FeedbackItem, collate_feedback, item_length, prepare_feedback_data
+from tunelab.data.feedback import collate_feedback, item_length, prepare_feedback_data, with_kl_partners
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import TrainResult, to_device
 from tunelab.losses import kto_loss, kto_reference_point
@@ -137,7 +138,7 @@ def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
                           collate=lambda items: collate_feedback(items, tokenizer.pad_token_id,
                                                                  config.data.max_length),
                           length=item_length, desc="kto", resume=resume, quiet=quiet,
-                          prepare_step=prepare_kto_step(reference))
+                          prepare_step=prepare_kto_step(reference), regroup=with_kl_partners)
     final = write_final(prepared.run, policy, tokenizer, whole=result.module)
     held = result.eval_metrics
     log(f"kto done: {result.steps} steps in {result.seconds:.1f}s"
