@@ -236,7 +236,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune and align language models: "
-                                     "SFT, reward modeling, DPO and RLHF with PPO.")
+                                     "SFT, reward modeling, DPO and its reference-free and unpaired kin (SimPO, "
+                                     "ORPO, KTO), RLHF with PPO, critic-free RL (GRPO, RLOO), contrastive "
+                                     "embeddings, and human preference labeling.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
 
