@@ -392,3 +392,24 @@ def test_embeddings_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy"]
     with pytest.raises(ValueError, match="expected a .npy, .jsonl or .parquet file"):
         write_embeddings(str(tmp_path / "e.csv"), ["a"], vectors[:1])
+
+
+def test_cli_contrastive_with_overrides_and_help(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", retrieval_rows(4, 4, seed=6))
+    out = tmp_path / "run"
+    assert main(["contrastive", "--model", str(tiny_dir), "--data", str(data), "--output", str(out), "--max-steps",
+                 "2", "--peft", "lora", "--quiet", "contrastive.pooling=mean", "contrastive.symmetric=true",
+                 "contrastive.recall_at=[2]", "data.eval_fraction=0.25", "train.report=false"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "final")
+    assert "pooling: mean" in (out / "config.yaml").read_text()
+    assert json.loads((out / "final" / "embedding_config.json").read_text())["pooling"] == "mean"
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_retrieval_recall_at_2" in r for r in evals)
+    for command, options in (("contrastive", ["contrastive.temperature", "contrastive.grad_cache_chunk",
+                                              "contrastive.pooling", "--peft", "anchor", "positive"]),
+                             ("embed", ["--model", "--data", "--output", "--batch-size", "--pooling", ".parquet"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for option in options:
+            assert option in text, option
