@@ -1,13 +1,14 @@
 """tunelab against TRL on the same machine, in one run: throughput, real tokens/s, peak memory and MFU.
 
-    python benchmarks/run.py [--quick] [--model world|smollm2] [--workloads sft,rm,dpo,ppo] [--threads 2]
+    python benchmarks/run.py [--quick] [--model world|smollm2] [--workloads sft,rm,dpo,ppo,grpo] [--threads 2]
 
 Builds the deterministic world (world.py: a ~58M-parameter random Llama with a 32,000-token vocabulary and
 log-normal prompt/completion lengths in [4, 200] tokens), measures this machine's fp32 matrix-multiply
 rate, then runs every workload for one epoch with tunelab and with TRL in turn, each in a fresh process
 (worker.py) with the same examples, effective batch (8), learning rate, precision (fp32) and thread
-count. SFT, reward modeling and DPO run against TRL 1.16 (--trl-python); PPO against TRL 1.12's
-PPOTrainer (--trl-ppo-python), the last release that has one. benchmarks/setup.sh makes both
+count. SFT, reward modeling, DPO and GRPO run against TRL 1.16 (--trl-python); PPO against TRL 1.12's
+PPOTrainer (--trl-ppo-python), the last release that has one. GRPO reads PPO's prompts and scores them with
+the programmatic reward of grpo_reward.py, which both tools import. benchmarks/setup.sh makes both
 environments. Prints a Markdown table and writes it, with the raw figures, to --output.
 
 --model smollm2 runs the same workloads on the pretrained SmolLM2-135M-Instruct (smollm2.py: the GGUF file of
@@ -30,11 +31,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import smollm2 as smollm2_module  # noqa: E402
+import worker as worker_module  # noqa: E402  (its shared settings; it imports nothing heavy at the top)
 import world as world_module  # noqa: E402
 
-WORKLOADS = ("sft", "rm", "dpo", "ppo")
-TARGETS = {"sft": (2.5, 0.6), "rm": (2.0, 0.6), "dpo": (3.0, 0.5), "ppo": (2.0, 0.6)}
-UNITS = {"sft": "examples", "rm": "pairs", "dpo": "pairs", "ppo": "prompts"}
+WORKLOADS = ("sft", "rm", "dpo", "ppo", "grpo")
+TARGETS = {"sft": (2.5, 0.6), "rm": (2.0, 0.6), "dpo": (3.0, 0.5), "ppo": (2.0, 0.6), "grpo": (2.0, 0.6)}
+UNITS = {"sft": "examples", "rm": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}
+DATA = {"grpo": "ppo"}  # the world's file a workload reads, where it is not its own
+ONLINE = ("ppo", "grpo")  # tokens generated, then trained on several times: no MFU
 
 
 def matmul_rate(threads: int, n: int = 2048, repeats: int = 20) -> float:
@@ -52,14 +56,19 @@ def matmul_rate(threads: int, n: int = 2048, repeats: int = 20) -> float:
     return 2 * n ** 3 / best
 
 
-def workload_tokens(workload: str, paths: dict, response_length: int, model: str = "world") -> tuple[int, int]:
-    """(examples, real tokens) one epoch trains on; the same count for both tools (EOS included)."""
-    rows = (world_module.token_counts(paths[workload]) if model == "world"
-            else smollm2_module.token_counts(paths[workload], paths["policy"]))
+def workload_tokens(workload: str, paths: dict, response_length: int, model: str = "world",
+                    generations: int = 1) -> tuple[int, int]:
+    """(examples, real tokens) one epoch trains on; the same count for both tools (EOS included). GRPO's
+    prompts each get `generations` responses: its tokens are those of all the prompt + response sequences."""
+    data = paths[DATA.get(workload, workload)]
+    rows = (world_module.token_counts(data) if model == "world"
+            else smollm2_module.token_counts(data, paths["policy"]))
     if workload == "sft":
         return len(rows), sum(r["prompt"] + r["completion"] + 1 for r in rows)
     if workload in ("rm", "dpo"):
         return len(rows), sum(2 * r["prompt"] + r["chosen"] + r["rejected"] + 2 for r in rows)
+    if workload == "grpo":
+        return len(rows), generations * sum(r["prompt"] + response_length for r in rows)
     return len(rows), sum(r["prompt"] + response_length for r in rows)
 
 
@@ -89,10 +98,29 @@ def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: 
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise SystemExit(f"{tool} {workload} failed (exit {proc.returncode}); log {log}:\n{tail}")
     figures = json.loads(result.read_text())
+    figures["load_average"] = os.getloadavg()
     print(f"  {tool:8s} {workload:4s} {figures['seconds']:7.1f} s  peak {figures['peak_rss_mib']:7.0f} MiB "
           f"(process {time.time() - started:.0f} s; CPU {figures['cpu_seconds']:.0f} s = "
-          f"{figures['cpu_seconds'] / figures['seconds']:.2f} cores)", flush=True)
+          f"{figures['cpu_seconds'] / figures['seconds']:.2f} cores; load average after it "
+          f"{load_text(figures['load_average'])})", flush=True)
+    if figures.get("checks"):
+        print(f"           {json.dumps(figures['checks'])}", flush=True)
     return figures
+
+
+def load_text(load: tuple[float, float, float] | None = None) -> str:
+    """The 1, 5 and 15 minute load averages (now, unless given): above the thread count, the machine is shared."""
+    return " / ".join(f"{x:.2f}" for x in (load or os.getloadavg()))
+
+
+def work_differences(tunelab: dict | None, trl: dict | None) -> str:
+    """What the two runs' checks (iterations, optimizer steps, responses scored, response tokens) disagree on."""
+    if not tunelab or not trl:
+        return ""
+    keys = ("iterations", "optimizer_steps", "responses_scored", "response_tokens_mean", "response_tokens_min",
+            "response_tokens_max")
+    return ", ".join(f"{k} {tunelab[k]} (tunelab) against {trl[k]} (trl)" for k in keys
+                     if k in tunelab and k in trl and abs(tunelab[k] - trl[k]) > 1e-6)
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -103,8 +131,8 @@ def table(rows: list[dict], rate: float, threads: int, heading: str = "") -> str
     lines = [heading, ""] if heading else []
     lines += [f"fp32 matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s; MFU = 6 x parameters x real "
               "tokens/s / that rate (parameters without the input embedding table, and without the LM head for "
-              "the reward model; a tied table counted once; not defined for PPO, whose tokens are generated and "
-              "trained on several times)", "",
+              "the reward model; a tied table counted once; not defined for PPO and GRPO, whose tokens are generated "
+              "and trained on several times)", "",
               "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | throughput vs TRL | "
               "memory vs TRL | target (throughput / memory) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -133,7 +161,7 @@ def main() -> None:
     parser.add_argument("--rows-scale", type=float, default=1.0,
                         help="multiply the row counts of the chosen size (rounded to whole batches of 8, at "
                         "least one); default 1")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of sft,rm,dpo,ppo")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of sft,rm,dpo,ppo,grpo")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every run (default 2)")
     parser.add_argument("--trl-python", default=str(HERE / ".venv-trl" / "bin" / "python"),
                         help="Python with trl==1.16.0 (default benchmarks/.venv-trl, made by setup.sh)")
@@ -179,10 +207,11 @@ def main() -> None:
     results = "results-smollm2" if smollm2 else "results"
 
     rate = matmul_rate(args.threads)
-    print(f"matmul: {rate / 1e9:.1f} GFLOP/s fp32 on {args.threads} threads", flush=True)
+    print(f"matmul: {rate / 1e9:.1f} GFLOP/s fp32 on {args.threads} threads; load average {load_text()}", flush=True)
     rows = []
     for workload in workloads:
-        examples, tokens = workload_tokens(workload, paths, response_length=64, model=args.model)
+        examples, tokens = workload_tokens(workload, paths, response_length=worker_module.RESPONSE_LENGTH,
+                                           model=args.model, generations=worker_module.GRPO_GENERATIONS)
         row = {"workload": workload, "examples": examples, "tokens": tokens}
         for tool in ("tunelab", "trl"):
             if tool not in tools:
@@ -199,9 +228,13 @@ def main() -> None:
                 fig = run_worker(python, tool, workload, world_dir, args.threads, out, prefix)
             fig["examples_per_s"] = examples / fig["seconds"]
             fig["tokens_per_s"] = tokens / fig["seconds"]
-            fig["mfu"] = None if workload == "ppo" else (
+            fig["mfu"] = None if workload in ONLINE else (
                 6 * trained_parameters(world_dir, workload) * fig["tokens_per_s"] / rate)
             row[tool] = fig
+        differs = work_differences(row["tunelab"].get("checks"), row["trl"].get("checks"))
+        if differs:
+            row["work_differs"] = differs
+            print(f"  WARNING: {workload}: the two runs did not do the same work: {differs}", flush=True)
         row["speedup"] = row["tunelab"]["examples_per_s"] / row["trl"]["examples_per_s"]
         row["memory_ratio"] = row["tunelab"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]
         rows.append(row)
@@ -209,8 +242,12 @@ def main() -> None:
     info = json.loads((world_dir / "world.json").read_text())
     heading = (f"model: {info.get('model', 'random Llama (world.py)')}, {info['parameters'] / 1e6:.1f}M parameters; "
                f"{size_name} size ({size.sft_rows} SFT rows, {size.rm_pairs} reward pairs, {size.dpo_pairs} DPO "
-               f"pairs, {size.ppo_prompts} PPO prompts); {args.threads} threads; wall time {wall / 60:.1f} min")
+               f"pairs, {size.ppo_prompts} PPO prompts, the same for GRPO); {args.threads} threads; wall time "
+               f"{wall / 60:.1f} min; load average {load_text()}")
     text = table(rows, rate, args.threads, heading)
+    for row in rows:
+        if row.get("work_differs"):
+            text += f"\n\nWARNING: {row['workload']}: the two runs did not do the same work: {row['work_differs']}"
     print("\n" + text)
     (out / f"{results}.json").write_text(json.dumps({"model": args.model, "size": size_name, "wall_s": wall,
                                                      "matmul_flops": rate, "rows": rows}, indent=1))

@@ -1,6 +1,6 @@
 """One benchmark workload with one tool, in its own process: `python worker.py TOOL WORKLOAD WORLD_DIR OUT_JSON`.
 
-TOOL is tunelab or trl, WORKLOAD is sft, rm, dpo or ppo. The timed span starts after the imports and ends
+TOOL is tunelab or trl, WORKLOAD is sft, rm, dpo, ppo or grpo. The timed span starts after the imports and ends
 after the trained model is written: model loading, tokenization, the training epoch and the final save,
 for both tools alike. Peak RSS is the process's high-water mark (VmHWM in /proc/self/status; ru_maxrss
 would also count the parent's memory at fork time). run.py starts this script once per
@@ -19,33 +19,60 @@ from pathlib import Path
 
 # shared settings: same for both tools
 BATCH = 8
-LR = {"sft": 1e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6}
+LR = {"sft": 1e-5, "rm": 1e-5, "dpo": 1e-6, "ppo": 1e-6, "grpo": 1e-6}
 MAX_LENGTH = 512
 BETA = 0.1
 PPO_EPOCHS = 4
 RESPONSE_LENGTH = 64
 TEMPERATURE = 0.7
+# GRPO: BATCH prompts per iteration (PPO's prompts, read from the same file), GRPO_GENERATIONS responses to each,
+# GRPO_PASSES passes over each rollout batch, GRPO_MINIBATCH responses per optimizer step, KL weight GRPO_BETA
+GRPO_GENERATIONS = 4
+GRPO_PASSES = 2
+GRPO_MINIBATCH = 16
+GRPO_BETA = 0.04
 
 
-def run_tunelab(workload: str, world: dict, out: str) -> None:
+def run_tunelab(workload: str, world: dict, out: str) -> dict | None:
     from tunelab.cli import main
 
     common = ["--output", out, "--batch-size", str(BATCH), "--lr", str(LR[workload]), "--peft", "none", "--quiet",
               "train.schedule=linear", "train.warmup_ratio=0", "data.eval_fraction=0",
               f"data.max_length={MAX_LENGTH}", "train.report=false", "train.log_every=1000"]
-    if workload != "ppo":
+    if workload in ("sft", "rm", "dpo"):
         argv = [workload, "--model", world["policy"], "--data", world[workload], "--epochs", "1"]
         if workload == "dpo":
             argv.append(f"dpo.beta={BETA}")
-    else:  # one epoch over the prompts: one iteration per batch of them
+    elif workload == "ppo":  # one epoch over the prompts: one iteration per batch of them
         prompts = sum(1 for _ in open(world["ppo"]))
         argv = ["ppo", "--model", world["policy"], "--data", world["ppo"], "--reward", world["reward"],
                 "--max-steps", str(prompts // BATCH), f"ppo.epochs={PPO_EPOCHS}", f"ppo.minibatch_size={BATCH}",
                 f"generation.max_new_tokens={RESPONSE_LENGTH}", f"generation.min_new_tokens={RESPONSE_LENGTH}",
                 f"generation.temperature={TEMPERATURE}", "ppo.sample_every=0", "reward.batch_size=8"]
+    else:  # grpo on PPO's prompts, one iteration per batch of them; the reward is benchmarks/grpo_reward.py
+        prompts = sum(1 for _ in open(world["ppo"]))
+        argv = ["grpo", "--model", world["policy"], "--data", world["ppo"], "--reward", "grpo_reward:reward",
+                "--max-steps", str(prompts // BATCH), f"rl.num_generations={GRPO_GENERATIONS}",
+                f"rl.epochs={GRPO_PASSES}", f"rl.minibatch_size={GRPO_MINIBATCH}", "rl.kl=loss",
+                f"rl.kl_coef={GRPO_BETA}", "rl.scale_rewards=true", "rl.loss_norm=token", "rl.clip_range=0.2",
+                f"generation.max_new_tokens={RESPONSE_LENGTH}", f"generation.min_new_tokens={RESPONSE_LENGTH}",
+                f"generation.temperature={TEMPERATURE}", "rl.sample_every=0"]
     status = main(argv + common)
     if status != 0:
         raise SystemExit(f"tunelab {workload} exited with status {status}")
+    if workload == "grpo":
+        return _tunelab_grpo_checks(Path(out))
+
+
+def _tunelab_grpo_checks(run_dir: Path) -> dict:
+    """What the run did, from its metrics.jsonl (one record per iteration): iterations, optimizer steps and the
+    response lengths in tokens (mean of each iteration's mean; min and max of those means)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "response_length" in r]
+    lengths = [r["response_length"] for r in records]
+    return {"iterations": len(records), "optimizer_steps": int(sum(r["updates"] for r in records)),
+            "response_tokens_mean": sum(lengths) / max(len(lengths), 1),
+            "response_tokens_min": min(lengths, default=0), "response_tokens_max": max(lengths, default=0)}
 
 
 def _trl_common(workload: str, out: str) -> dict:
@@ -55,7 +82,7 @@ def _trl_common(workload: str, out: str) -> dict:
                 disable_tqdm=True, seed=0, dataloader_num_workers=0)
 
 
-def run_trl(workload: str, world: dict, out: str) -> None:
+def run_trl(workload: str, world: dict, out: str) -> dict | None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -63,6 +90,8 @@ def run_trl(workload: str, world: dict, out: str) -> None:
     if workload == "ppo":
         _run_trl_ppo(world, out, tokenizer)
         return
+    if workload == "grpo":
+        return _run_trl_grpo(world, out, tokenizer)
     data = load_dataset("json", data_files=world[workload], split="train")
     if workload == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -111,6 +140,46 @@ def _run_trl_ppo(world: dict, out: str, tokenizer) -> None:
     trainer.save_model(out)
 
 
+def _run_trl_grpo(world: dict, out: str, tokenizer) -> dict:
+    """TRL 1.16's GRPOTrainer with tunelab's batch shape. TRL counts completions, not prompts: an optimizer
+    step is per_device_train_batch_size x gradient_accumulation_steps completions (GRPO_MINIBATCH), and one
+    generation batch, steps_per_generation x per_device_train_batch_size completions, is BATCH prompts x
+    num_generations; it is reused for num_iterations passes before the next one is generated."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    import grpo_reward
+
+    prompts = load_dataset("json", data_files=world["ppo"], split="train")
+    lengths: list[int] = []
+
+    def reward(prompts, completions, completion_ids, **columns):  # the shared reward; records the token counts
+        lengths.extend(len(ids) for ids in completion_ids)
+        return grpo_reward.reward(prompts, completions, **columns)
+
+    reward.__name__ = "grpo_reward"
+    common = _trl_common("grpo", out)
+    micro = common.pop("per_device_train_batch_size")
+    common.pop("gradient_accumulation_steps")
+    args = GRPOConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=GRPO_MINIBATCH // micro,
+                      num_generations=GRPO_GENERATIONS, steps_per_generation=BATCH * GRPO_GENERATIONS // micro,
+                      num_iterations=GRPO_PASSES, beta=GRPO_BETA, epsilon=0.2, loss_type="dapo",
+                      scale_rewards="group", max_completion_length=RESPONSE_LENGTH,
+                      generation_kwargs={"min_new_tokens": RESPONSE_LENGTH}, temperature=TEMPERATURE,
+                      log_completions=False, **common)
+    model = AutoModelForCausalLM.from_pretrained(world["policy"])
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                          processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(out)
+    steps = trainer.state.global_step
+    return {"iterations": len(lengths) // (BATCH * GRPO_GENERATIONS), "optimizer_steps": steps,
+            "response_tokens_mean": sum(lengths) / max(len(lengths), 1), "response_tokens_min": min(lengths, default=0),
+            "response_tokens_max": max(lengths, default=0), "generation_batch_size": args.generation_batch_size,
+            "gradient_checkpointing": bool(args.gradient_checkpointing)}
+
+
 def peak_rss_mib() -> float:
     """High-water resident set size of this process since it started (exec), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -145,15 +214,19 @@ def main() -> None:
         before = peak_rss_mib()
         cpu_before = _cpu_seconds()
         started = time.perf_counter()
-        (run_tunelab if tool == "tunelab" else run_trl)(workload, world, out)
+        checks = (run_tunelab if tool == "tunelab" else run_trl)(workload, world, out) or {}
         seconds = time.perf_counter() - started
         cpu = _cpu_seconds() - cpu_before
+    if workload == "grpo":
+        import grpo_reward
+
+        checks["responses_scored"] = grpo_reward.SCORED[0]
     peak = peak_rss_mib()
     version = __import__(tool).__version__ if tool == "trl" else __import__("tunelab").__version__
     Path(result).write_text(json.dumps({"tool": tool, "workload": workload, "seconds": seconds,
                                         "cpu_seconds": cpu, "peak_rss_mib": peak, "rss_after_imports_mib": before,
                                         "threads": threads, "version": version,
-                                        "torch_threads": torch.get_num_threads()}))
+                                        "torch_threads": torch.get_num_threads(), "checks": checks}))
 
 
 if __name__ == "__main__":
