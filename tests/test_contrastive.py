@@ -363,7 +363,8 @@ def test_two_processes_equal_one_with_grad_accum(tmp_path, tiny_dir):
     common = ["contrastive", "--model", str(tiny_dir), "--data", str(data), "--max-steps", "3", "--peft", "none",
               "--lr", "1e-3", "--batch-size", "4", "--quiet", "train.warmup_ratio=0", "train.report=false"]
     launch(2, tmp_path / "record", common + ["--output", str(tmp_path / "two")])
-    assert main(common + ["--output", str(tmp_path / "one"), "train.grad_accum=2"]) == 0
+    # the reference run goes through the same launcher, so both use one thread per process and sum in one order
+    launch(1, tmp_path / "record1", common + ["--output", str(tmp_path / "one"), "train.grad_accum=2"])
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
 
