@@ -108,17 +108,25 @@ def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | No
                 continue
             summary.truncated += status == "truncated"
             kept.append(item)
-        summary.kept = len(kept)
-        if not kept:
-            raise DataError(f"{source.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
-                            f"data.max_length={config.max_length}, overlong={config.overlong})")
-        # keyed by the source's place in the mixture, not its path: the same data held out wherever it lives
-        held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, f"source-{index}")
-        data.train.extend(r for i, r in enumerate(kept) if i not in held)
-        data.held_out.extend(r for i, r in enumerate(kept) if i in held)
-        summary.train, summary.held_out = len(kept) - len(held), len(held)
-        data.sources.append(summary)
+        add_source(data, summary, kept, config, seed, index)
     return data
+
+
+def add_source(data: TokenizedData[Item], summary: SourceSummary, kept: list[Item], config: DataConfig, seed: int,
+               index: int) -> None:
+    """Split one source's usable items into train and held out and add them, with its summary, to `data`.
+
+    Raises DataError when the source has no usable item. `index` is the source's place in the mixture."""
+    summary.kept = len(kept)
+    if not kept:
+        raise DataError(f"{summary.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
+                        f"data.max_length={config.max_length}, overlong={config.overlong})")
+    # keyed by the source's place in the mixture, not its path: the same data held out wherever it lives
+    held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, f"source-{index}")
+    data.train.extend(r for i, r in enumerate(kept) if i not in held)
+    data.held_out.extend(r for i, r in enumerate(kept) if i in held)
+    summary.train, summary.held_out = len(kept) - len(held), len(held)
+    data.sources.append(summary)
 
 
 SFT_FORMATS = ("text", "prompt_completion", "alpaca", "messages")

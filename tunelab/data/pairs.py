@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
-from tunelab.data.dataset import SourceSummary, TokenizedData, split_held_out
+from tunelab.data.dataset import SourceSummary, TokenizedData, add_source
 from tunelab.data.load import DataError, Row, load_rows
 
 ALIASES = (("anchor", "positive"), ("query", "document"), ("text1", "text2"))
@@ -110,15 +110,7 @@ def prepare_pair_data(config: DataConfig, tokenizer, seed: int = 0) -> Tokenized
             ids = [encode_text(tokenizer, t, config.max_length) for t in texts] if long else full
             summary.truncated += long
             kept.append(TextPair(ids[0], ids[1], ids[2:], row.where))
-        summary.kept = len(kept)
-        if not kept:
-            raise DataError(f"{source.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
-                            f"data.max_length={config.max_length}, overlong={config.overlong})")
-        held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, f"source-{index}")
-        data.train.extend(r for i, r in enumerate(kept) if i not in held)
-        data.held_out.extend(r for i, r in enumerate(kept) if i in held)
-        summary.train, summary.held_out = len(kept) - len(held), len(held)
-        data.sources.append(summary)
+        add_source(data, summary, kept, config, seed, index)
     return data
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -32,19 +30,15 @@ from tunelab.loop import TrainingError
 from tunelab.losses import group_advantages, group_policy_loss, masked_sum
 from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import prepare_recipe
-from tunelab.recipes.online import (OnlineLoop, Step, check_batch_split, checked_scores, frozen_reference,
-                                    prepare_prompts, reference_logprobs, row_pieces, shape_scores, take_rows)
+from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_split, checked_scores, frozen_reference,
+                                    planned_iterations, prepare_prompts, reference_logprobs, row_pieces,
+                                    shape_scores, take_rows)
 from tunelab.recipes.ppo import PolicyWithValueHead
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
 
 
-@dataclass
-class GroupRLResult:
-    run_dir: Path
-    final_dir: Path
-    iterations: int
-    history: list[dict] = field(default_factory=list)
+GroupRLResult = OnlineResult
 
 
 def group_experience(loop: OnlineLoop, ref_model, rollout: Rollout, scores: torch.Tensor, config: GRPOConfig,
@@ -194,8 +188,7 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
     minibatch = rl.minibatch_size or responses
     log(f"batch: {train.batch_size} prompts x {rl.num_generations} responses per iteration "
         f"({train.batch_size // world} prompts per process x {world}), minibatches of {minibatch} responses")
-    iterations = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(len(prepared.data.train)
-                                                                               / train.batch_size)))
+    iterations = planned_iterations(config, len(prepared.data.train))
     loop = OnlineLoop(config, prepared, module, total_updates=iterations * rl.epochs * math.ceil(responses / minibatch),
                       local_minibatch=minibatch // world, desc=name, resume=resume, quiet=quiet,
                       sample_every=rl.sample_every)

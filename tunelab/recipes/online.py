@@ -13,7 +13,8 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -144,6 +145,22 @@ def take_rows(batch: dict, index: torch.Tensor, columns: slice) -> dict:
     return {k: v[index][:, columns] for k, v in batch.items()}
 
 
+def planned_iterations(config, prompts: int) -> int:
+    """Iterations of a run: `train.max_steps`, or `train.epochs` passes over `prompts` prompts."""
+    train = config.train
+    return train.max_steps or max(1, math.ceil(train.epochs * math.ceil(prompts / train.batch_size)))
+
+
+@dataclass
+class OnlineResult:
+    """What an online RL run hands back: its directory, final/, iterations done and their records."""
+
+    run_dir: Path
+    final_dir: Path
+    iterations: int
+    history: list[dict] = field(default_factory=list)
+
+
 @dataclass
 class Step:
     """What one iteration hands back to the loop: its record for metrics.jsonl, and the samples to show."""
@@ -171,8 +188,7 @@ class OnlineLoop:
         train = config.train
         self.config, self.prepared, self.desc, self.sample_every = config, prepared, desc, sample_every
         self.state, self.world, self.rank = state, distributed.world_size(), distributed.rank()
-        self.iterations = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(
-            len(prepared.data.train) / train.batch_size)))
+        self.iterations = planned_iterations(config, len(prepared.data.train))
         self.accelerator = accelerator = Accelerator()
         optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], config.resolved_lr(),
                                     train.weight_decay, accelerator.device)

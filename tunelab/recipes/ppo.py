@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +30,9 @@ from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_es
                             ppo_policy_loss, ppo_value_loss, token_rewards)
 from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import prepare_recipe
-from tunelab.recipes.online import (OnlineLoop, Step, check_batch_split, checked_scores, frozen_reference,
-                                    prepare_prompts, reference_logprobs, row_pieces, shape_scores, take_rows)
+from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_split, checked_scores, frozen_reference,
+                                    planned_iterations, prepare_prompts, reference_logprobs, row_pieces,
+                                    shape_scores, take_rows)
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
 
@@ -107,12 +106,7 @@ def load_critic(config: PPOConfig, vocabulary_size: int) -> nn.Module:
     return apply_peft(critic, config, task_type="SEQ_CLS")
 
 
-@dataclass
-class PPOResult:
-    run_dir: Path
-    final_dir: Path
-    iterations: int
-    history: list[dict] = field(default_factory=list)
+PPOResult = OnlineResult
 
 
 def rollout_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: dict) -> dict[str, float]:
@@ -155,8 +149,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     log(f"batch: {train.batch_size} prompts per iteration ({train.batch_size // world} per process x {world}), "
         f"minibatches of {ppo.minibatch_size}")
     controller = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
-    iterations = train.max_steps or max(1, math.ceil(train.epochs * math.ceil(len(prepared.data.train)
-                                                                               / train.batch_size)))
+    iterations = planned_iterations(config, len(prepared.data.train))
     loop = OnlineLoop(config, prepared, module,
                       total_updates=iterations * ppo.epochs * math.ceil(train.batch_size / ppo.minibatch_size),
                       local_minibatch=ppo.minibatch_size // world, desc="ppo", resume=resume, quiet=quiet,
