@@ -175,3 +175,33 @@ def test_micro_batches_give_the_same_ppo_updates(tiny_dir, tmp_path):
     for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"):
         assert split[key] == pytest.approx(whole[key], rel=1e-3, abs=1e-4), key
     assert whole["approx_kl"] > 0 and whole["updates"] == 8  # the policy moved within the iteration
+
+
+def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, prompts, tmp_path, monkeypatch):
+    """The experience pass's forward of the first minibatch serves as the first update's forward: 8 rows fewer
+    forwarded per iteration, and the weights end where two separate forwards take them."""
+    import tunelab.recipes.ppo as ppo_module
+    from tests.test_multiprocess import weights
+
+    calls = {"n": 0}
+    forward = PolicyWithValueHead.forward
+
+    def counted(self, input_ids, *args, **kwargs):
+        calls["n"] += input_ids.shape[0]  # rows forwarded
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyWithValueHead, "forward", counted)
+    make_experience = ppo_module.make_experience
+    counts = {}
+    for name in ("reused", "separate"):
+        if name == "separate":  # no first rows: every row gets a no-gradient pass, every update its own forward
+            monkeypatch.setattr(ppo_module, "make_experience",
+                                lambda *a, **k: make_experience(*a, **{**k, "first_rows": None}))
+        calls["n"] = 0
+        config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=2)
+        run_ppo(config, quiet=True)
+        counts[name] = calls["n"]
+    # per iteration: 16 rows without gradients, then 4 epochs x 2 minibatches of 8 with; reused: 8 rows fewer
+    assert counts["separate"] == 2 * (16 + 4 * 16) and counts["reused"] == counts["separate"] - 2 * 8
+    one, two = weights(tmp_path / "reused"), weights(tmp_path / "separate")
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-6

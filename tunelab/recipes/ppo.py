@@ -164,11 +164,12 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
         raw_scores = checked_scores(reward_fn(rollout.prompts, rollout.responses), len(prompts),
                                     config.reward.source)
         scores = shape_scores(raw_scores, rollout.ended, config, distributed.all_gather).to(loop.device)
+        order = torch.randperm(len(rollout.prompts))
         experience = make_experience(loop.module, loop.raw, ref_model, rollout, scores, controller.value, config,
-                                     loop.device, loop.budget)
+                                     loop.device, loop.budget, first_rows=order[:ppo.minibatch_size // world])
         rollout_s = time.time() - started
         started = time.time()
-        learned = learn(loop, experience)
+        learned = learn(loop, experience, order)
         statistics = rollout_statistics(raw_scores, rollout, experience)
         record = {"score_mean": statistics["score_mean"], "score_std": statistics["score_std"],
                   "kl": statistics["kl"], "kl_coef": controller.value, **learned,
@@ -190,47 +191,71 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
 
 def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.Module | None, rollout: Rollout,
                     scores: torch.Tensor, kl_coef: float, config: PPOConfig, device: torch.device,
-                    budget: int | None) -> dict:
+                    budget: int | None, first_rows: torch.Tensor | None = None) -> dict:
     """Old log-probs, values, reference log-probs, KL, per-token rewards, advantages and returns.
 
-    The forward passes run in micro-batches of at most `budget` padded tokens (`row_pieces`)."""
+    The forward passes run in micro-batches of at most `budget` padded tokens (`row_pieces`).
+    `first_rows`: this process's rows of the first minibatch of the first epoch. Where they fit in one
+    micro-batch, their forward runs with gradients, after every other one: its outputs are their old
+    log-probs and values (detached; the weights are those that sampled them) and, kept as `first`, the
+    first update's own forward, so those rows are forwarded once instead of twice. Nothing else runs the
+    model between that forward and its backward, which every engine (DDP, FSDP, ZeRO) allows."""
     batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
              "loss_mask": rollout.loss_mask.to(device)}
     mask = batch["loss_mask"].float()
     old_logprobs, values, ref = (torch.zeros_like(mask) for _ in range(3))
     rows = torch.arange(mask.shape[0], device=device)
+    first = None
+    if first_rows is not None:
+        first_pieces = row_pieces(batch["attention_mask"], first_rows.to(device), budget)
+        if len(first_pieces) == 1:
+            first = first_pieces[0]
+            rows = rows[~torch.isin(rows, first[0])]
     with torch.no_grad():
-        for index, columns in row_pieces(batch["attention_mask"], rows, budget):
+        for index, columns in row_pieces(batch["attention_mask"], rows, budget) if rows.numel() else []:
             piece = take_rows(batch, index, columns)
             piece_logprobs, piece_values, _ = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
             old_logprobs[index, columns] = piece_logprobs
             values[index, columns] = piece_values
-            ref[index, columns] = reference_logprobs(raw.policy, ref_model, piece, raw.chunk_size)
+        for index, columns in row_pieces(batch["attention_mask"], torch.arange(mask.shape[0], device=device), budget):
+            ref[index, columns] = reference_logprobs(raw.policy, ref_model, take_rows(batch, index, columns),
+                                                     raw.chunk_size)
+    outputs = None
+    if first is not None:
+        index, columns = first
+        piece = take_rows(batch, index, columns)
+        outputs = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
+        old_logprobs[index, columns] = outputs[0].detach()
+        values[index, columns] = outputs[1].detach()
     kl = kl_estimate(old_logprobs, ref, config.ppo.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
     if config.ppo.whiten_advantages:  # over the response tokens of every process
         advantages = masked_whiten(advantages, mask, all_sum=distributed.all_sum)
     return {**batch, "mask": mask, "old_logprobs": old_logprobs, "values": values, "kl": kl,
-            "advantages": advantages, "returns": returns}
+            "advantages": advantages, "returns": returns, "first": outputs}
 
 
-def learn(loop: OnlineLoop, experience: dict) -> dict[str, float]:
+def learn(loop: OnlineLoop, experience: dict, first_order: torch.Tensor) -> dict[str, float]:
     """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics.
 
+    `first_order`: the row order of the first epoch, whose first minibatch `make_experience` may have
+    forwarded already (`experience["first"]`).
     Each process takes `ppo.minibatch_size / N` of its rows per update; losses are means over the
     response tokens of the whole minibatch (all processes), and so are the statistics, so every process
     makes the same `target_kl` decision.
     """
     module, accelerator, budget, ppo = loop.module, loop.accelerator, loop.budget, loop.config.ppo
+    tensors = {k: v for k, v in experience.items() if k != "first"}
+    first = experience["first"]
     world = accelerator.num_processes
     size = experience["input_ids"].shape[0]
     local_minibatch = ppo.minibatch_size // world
     sums: dict[str, float] = {}
     updates = 0
-    for _ in range(ppo.epochs):
+    for epoch in range(ppo.epochs):
         epoch_kl, epoch_updates = 0.0, 0
-        order = torch.randperm(size)
+        order = first_order if epoch == 0 else torch.randperm(size)
         for start in range(0, size, local_minibatch):
             rows = order[start:start + local_minibatch].to(experience["mask"].device)
             total = distributed.all_sum(experience["mask"][rows].sum()).clamp(min=1)
@@ -239,9 +264,12 @@ def learn(loop: OnlineLoop, experience: dict) -> dict[str, float]:
             for i, (index, columns) in enumerate(pieces):
                 # each piece's masked means, weighted by its share of the minibatch's response tokens,
                 # add up to the minibatch's masked means: the same loss and gradient as one pass
-                take = take_rows(experience, index, columns)
+                take = take_rows(tensors, index, columns)
                 weight = take["mask"].sum() / total
-                logprobs, values, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
+                if first is not None:  # the first update's forward, run by make_experience
+                    (logprobs, values, entropy), first = first, None
+                else:
+                    logprobs, values, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
                 policy_loss, policy_stats = ppo_policy_loss(logprobs, take["old_logprobs"], take["advantages"],
                                                             take["mask"], ppo.clip_range)
                 value_loss, value_stats = ppo_value_loss(values, take["values"], take["returns"], take["mask"],
