@@ -78,7 +78,9 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps spent warming up")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm (null: off)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 runs the forward pass under autocast")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 runs the forward pass under autocast (weights and optimizer stay fp32); auto: bf16 "
+        "where the hardware computes it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere")
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
     group_by_length: bool = Field(True, description="batch rows of similar length together")
     micro_batch_tokens: int | Literal["auto"] | None = Field(

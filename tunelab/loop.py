@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tunelab import distributed
+from tunelab import distributed, precision
 from tunelab.checkpoint import RunDir, load_checkpoint, save_checkpoint
 from tunelab.config import TrainConfig
 from tunelab.report import report_at_end
@@ -212,8 +212,11 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     accelerator = Accelerator()
     device = accelerator.device
 
+    chosen, said = precision.resolve(config.precision, device)
+    distributed.log(said)
+
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+        return precision.autocast(chosen, device)
 
     if not any(p.requires_grad for p in module.parameters()):
         raise TrainingError("the model has no trainable parameters (check the peft settings)")

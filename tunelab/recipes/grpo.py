@@ -68,7 +68,7 @@ def group_experience(loop: OnlineLoop, ref_model, rollout: Rollout, scores: torc
                     old_logprobs[index, columns] = loop.module(piece["input_ids"], piece["attention_mask"],
                                                                piece["loss_mask"])[0]
                 else:
-                    ref[index, columns] = reference_logprobs(loop.raw.policy, ref_model, piece, loop.raw.chunk_size)
+                    ref[index, columns] = reference_logprobs(loop.raw, ref_model, piece)
     if rl.kl == "reward" and use_ref:
         scores = scores - rl.kl_coef * ((old_logprobs - ref) * mask).sum(1)
     advantages, zero_spread = group_advantages(scores, rl.num_generations, rl.advantage, rl.scale_rewards)

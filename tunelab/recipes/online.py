@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tunelab import distributed
+from tunelab import distributed, precision
 from tunelab.checkpoint import load_checkpoint, save_checkpoint, trim_jsonl
 from tunelab.config import ModelConfig
 from tunelab.data.dataset import prepare_data
@@ -76,15 +76,17 @@ def frozen_reference(config) -> nn.Module | None:
     return ref_model.requires_grad_(False).eval()
 
 
-def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, batch: dict, chunk: int) -> torch.Tensor:
-    """Reference log-probs of the response tokens: a frozen copy, or the policy with its adapter disabled."""
-    with torch.no_grad():
+def reference_logprobs(raw: nn.Module, ref_model: nn.Module | None, batch: dict) -> torch.Tensor:
+    """Reference log-probs of the response tokens: a frozen copy, or the policy of `raw` (the unwrapped
+    PolicyWithValueHead) with its adapter disabled; in the run's precision."""
+    with torch.no_grad(), raw.autocast():
         if ref_model is not None:  # a frozen copy outside the engine: gathered whole where ZeRO-3 split it
             with distributed.gathered(ref_model):
                 return token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                      chunk)
-        with adapter_disabled(policy) as base:
-            return token_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk)
+                                      raw.chunk_size).float()
+        with adapter_disabled(raw.policy) as base:
+            return token_logprobs(base, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                  raw.chunk_size).float()
 
 
 def checked_scores(values, count: int, source: str) -> torch.Tensor:
@@ -213,6 +215,9 @@ class OnlineLoop:
             log(f"resumed at iteration {self.iteration}/{self.iterations}")
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.device = accelerator.device
+        chosen, said = precision.resolve(train.precision, self.device)
+        log(said)
+        self.raw.autocast = lambda: precision.autocast(chosen, self.device)
         self.module.eval()
         if self.rank and not resume:  # every process samples from its own stream; the main one keeps one process's
             torch.manual_seed(distributed.derived_seed(train.seed, "rollout", self.rank))

@@ -14,6 +14,7 @@ copy of the base weights serves all three roles. With full fine-tuning the refer
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -52,6 +53,7 @@ class PolicyWithValueHead(nn.Module):
         self.policy = policy
         self.critic = critic
         self.chunk_size = chunk_size
+        self.autocast = contextlib.nullcontext  # the run's precision, set by the training loop
         self.value_head = None
         if critic is None and value_head:
             hidden = policy.get_input_embeddings().weight.shape[1]
@@ -70,18 +72,20 @@ class PolicyWithValueHead(nn.Module):
         same position whose LM-head output gives t's log-prob.
         """
         _, head = trunk_and_head(self.policy)
-        hidden = hidden_states(self.policy, input_ids, attention_mask)
         scored = loss_mask[:, 1:].bool()
-        picked = hidden[:, :-1][scored]
-        logprob_entropy = head_logprobs(head, picked, input_ids[:, 1:][scored], self.chunk_size, with_entropy=True)
-        if self.value_head is not None:
+        with self.autocast():
+            hidden = hidden_states(self.policy, input_ids, attention_mask)
+            picked = hidden[:, :-1][scored]
+            logprob_entropy = head_logprobs(head, picked, input_ids[:, 1:][scored], self.chunk_size,
+                                            with_entropy=True)
+            if self.critic is not None:
+                critic_hidden = hidden_states(self.critic, input_ids, attention_mask)[:, :-1][scored]
+                critic_base = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
+                values = critic_base.score(critic_hidden)[:, 0]
+            else:
+                values = None
+        if self.value_head is not None:  # outside autocast: a scalar regression keeps fp32
             values = self.value_head(picked.float()).squeeze(-1)
-        elif self.critic is not None:
-            critic_hidden = hidden_states(self.critic, input_ids, attention_mask)[:, :-1][scored]
-            critic_base = self.critic.get_base_model() if hasattr(self.critic, "get_base_model") else self.critic
-            values = critic_base.score(critic_hidden)[:, 0]
-        else:
-            values = None
 
         def place(flat: torch.Tensor) -> torch.Tensor:
             full = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
@@ -218,8 +222,7 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
             old_logprobs[index, columns] = piece_logprobs
             values[index, columns] = piece_values
         for index, columns in row_pieces(batch["attention_mask"], torch.arange(mask.shape[0], device=device), budget):
-            ref[index, columns] = reference_logprobs(raw.policy, ref_model, take_rows(batch, index, columns),
-                                                     raw.chunk_size)
+            ref[index, columns] = reference_logprobs(raw, ref_model, take_rows(batch, index, columns))
     outputs = None
     if first is not None:
         index, columns = first
