@@ -179,7 +179,7 @@ def test_micro_batches_give_the_same_ppo_updates(tiny_dir, tmp_path):
 
 def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, prompts, tmp_path, monkeypatch):
     """The experience pass's forward of the first minibatch serves as the first update's forward: 8 rows fewer
-    forwarded per iteration, and the weights end where two separate forwards take them."""
+    forwarded per iteration, and the weights end where two separate forwards take them (up to float rounding)."""
     import tunelab.recipes.ppo as ppo_module
     from tests.test_multiprocess import weights
 
@@ -204,4 +204,7 @@ def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, promp
     # per iteration: 16 rows without gradients, then 4 epochs x 2 minibatches of 8 with; reused: 8 rows fewer
     assert counts["separate"] == 2 * (16 + 4 * 16) and counts["reused"] == counts["separate"] - 2 * 8
     one, two = weights(tmp_path / "reused"), weights(tmp_path / "separate")
-    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-6
+    # the old log-probs come from an 8-row forward instead of a 16-row one: on several threads the matrix
+    # products round differently by batch shape (about 1e-7), which Adam at lr 1e-2 turns into ~5e-6 in weights
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst < 1e-4, worst
