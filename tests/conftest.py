@@ -1,6 +1,12 @@
 """Shared fixtures: a real byte-level BPE tokenizer from the demo world (built in well under a second)."""
 
+import os
+
 import pytest
+
+# train.precision=auto means fp32 in every test and every process a test starts, whatever the CPU: runs are
+# compared with each other bit for bit, and bf16 is tested where a test asks for it (tests/test_precision.py)
+os.environ["TUNELAB_PRECISION"] = "fp32"
 
 from tunelab.demo.world import build_tokenizer, make_reviews
 

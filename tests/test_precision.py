@@ -12,10 +12,12 @@ from tests.helpers import instruction_rows, make_tiny_model_dir, write_jsonl
 from tests.recipes.test_reward import review_pairs
 from tunelab import precision
 from tunelab.cli import main
+from tunelab.config import ConfigError
 
 
 def test_auto_is_bf16_only_with_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.delenv("TUNELAB_PRECISION")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     chosen, said = precision.resolve("auto", cpu)
@@ -28,6 +30,17 @@ def test_auto_is_bf16_only_with_native_bf16(monkeypatch):
     assert precision.resolve("fp32", cpu)[0] == "fp32"
     assert precision.resolve("auto", torch.device("mps"))[0] == "fp32"
     assert isinstance(precision.autocast("bf16", cpu), torch.autocast)
+
+
+def test_the_environment_decides_what_auto_means(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv("TUNELAB_PRECISION", "fp32")
+    assert precision.resolve("auto", cpu) == ("fp32", "precision: fp32 (TUNELAB_PRECISION=fp32; train.precision=auto)")
+    assert precision.resolve("bf16", cpu)[0] == "bf16"  # an explicit setting wins over the environment
+    monkeypatch.setenv("TUNELAB_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="TUNELAB_PRECISION='fp16': expected fp32 or bf16"):
+        precision.resolve("auto", cpu)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,19 @@
 AVX-512 BF16 or AMX instructions, whose matrix units compute bf16 products natively; elsewhere (AVX2
 CPUs, older GPUs, Apple's MPS) bf16 is emulated or partial and fp32 is both faster and exact. The
 weights, gradients and optimizer states stay fp32 in every case: autocast only runs the matrix products
-of the forward (and so of the backward) in bf16.
+of the forward (and so of the backward) in bf16. The environment variable TUNELAB_PRECISION (fp32 or bf16)
+decides what auto means on a machine, for every run started there (a cluster's job script, a test suite
+that compares runs bit for bit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+from tunelab.config import ConfigError
 
 
 def fast_bf16(device: torch.device) -> tuple[bool, str]:
@@ -34,6 +39,11 @@ def resolve(setting: str, device: torch.device) -> tuple[str, str]:
     that says so at start."""
     if setting != "auto":
         return setting, f"precision: {setting} (train.precision={setting})"
+    forced = os.environ.get("TUNELAB_PRECISION", "").strip().lower()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ConfigError(f"TUNELAB_PRECISION={forced!r}: expected fp32 or bf16")
+        return forced, f"precision: {forced} (TUNELAB_PRECISION={forced}; train.precision=auto)"
     fast, why = fast_bf16(device)
     chosen = "bf16" if fast else "fp32"
     return chosen, f"precision: {chosen} ({why}; train.precision=auto)"
