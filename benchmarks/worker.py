@@ -1,6 +1,9 @@
 """One benchmark workload with one tool, in its own process: `python worker.py TOOL WORKLOAD WORLD_DIR OUT_JSON`.
 
-TOOL is tunelab or trl, WORKLOAD is sft, rm, dpo, ppo or grpo. The timed span starts after the imports and ends
+TOOL is tunelab, trl (TRL as shipped: its trainers' defaults, gradient checkpointing on) or trl-tuned (TRL at its
+fastest settings here: gradient checkpointing off; SFT padding-free; DPO with the reference's log-probs
+precomputed before training); WORKLOAD is sft, rm, dpo, ppo or grpo. BENCH_PRECISION (fp32, the default, or
+bf16) sets both tools' precision: tunelab's train.precision, TRL's bf16 (autocast through accelerate). The timed span starts after the imports and ends
 after the trained model is written: model loading, tokenization, the training epoch and the final save,
 for both tools alike. Peak RSS is the process's high-water mark (VmHWM in /proc/self/status; ru_maxrss
 would also count the parent's memory at fork time). run.py starts this script once per
@@ -37,6 +40,7 @@ def run_tunelab(workload: str, world: dict, out: str) -> dict | None:
     from tunelab.cli import main
 
     common = ["--output", out, "--batch-size", str(BATCH), "--lr", str(LR[workload]), "--peft", "none", "--quiet",
+              f"train.precision={precision()}",
               "train.schedule=linear", "train.warmup_ratio=0", "data.eval_fraction=0",
               f"data.max_length={MAX_LENGTH}", "train.report=false", "train.log_every=1000"]
     if workload in ("sft", "rm", "dpo"):
@@ -75,47 +79,72 @@ def _tunelab_grpo_checks(run_dir: Path) -> dict:
             "response_tokens_min": min(lengths, default=0), "response_tokens_max": max(lengths, default=0)}
 
 
-def _trl_common(workload: str, out: str) -> dict:
-    return dict(output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-                learning_rate=LR[workload], num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=0,
-                bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000,
-                disable_tqdm=True, seed=0, dataloader_num_workers=0)
+def precision() -> str:
+    value = os.environ.get("BENCH_PRECISION", "fp32")
+    if value not in ("fp32", "bf16"):
+        raise SystemExit(f"BENCH_PRECISION={value!r}: expected fp32 or bf16")
+    return value
 
 
-def run_trl(workload: str, world: dict, out: str) -> dict | None:
+def _trl_common(workload: str, out: str, tuned: bool = False) -> dict:
+    """TRL's TrainingArguments shared by every workload; tuned turns gradient checkpointing off (TRL's configs
+    turn it on by default)."""
+    common = dict(output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                  learning_rate=LR[workload], num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=0,
+                  bf16=precision() == "bf16", fp16=False, use_cpu=True, report_to="none", save_strategy="no",
+                  logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    if tuned:
+        common["gradient_checkpointing"] = False
+    return common
+
+
+def _trl_checks(trainer) -> dict:
+    """What the TRL run did: optimizer steps, its mean training loss and whether it checkpointed activations."""
+    return {"optimizer_steps": trainer.state.global_step,
+            "train_loss": next((r["train_loss"] for r in reversed(trainer.state.log_history) if "train_loss" in r),
+                               None),
+            "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
+
+
+def run_trl(workload: str, world: dict, out: str, tuned: bool = False) -> dict | None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(world["policy"])
     if workload == "ppo":
-        _run_trl_ppo(world, out, tokenizer)
-        return
+        return _run_trl_ppo(world, out, tokenizer, tuned)
     if workload == "grpo":
-        return _run_trl_grpo(world, out, tokenizer)
+        return _run_trl_grpo(world, out, tokenizer, tuned)
     data = load_dataset("json", data_files=world[workload], split="train")
     if workload == "sft":
         from trl import SFTConfig, SFTTrainer
 
         model = AutoModelForCausalLM.from_pretrained(world["policy"])
+        # padding-free concatenates a batch's rows into one sequence (position ids restart at each row; the
+        # attention mask transformers builds from them keeps rows apart); TRL then refuses max_length, which
+        # truncates nothing here (the world's rows are at most 400 tokens)
+        shape = dict(padding_free=True, max_length=None) if tuned else dict(max_length=MAX_LENGTH)
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data,
-                             args=SFTConfig(max_length=MAX_LENGTH, **_trl_common(workload, out)))
+                             args=SFTConfig(**shape, **_trl_common(workload, out, tuned)))
     elif workload == "rm":
         from trl import RewardConfig, RewardTrainer
 
         model = AutoModelForSequenceClassification.from_pretrained(world["policy"], num_labels=1)
         trainer = RewardTrainer(model=model, processing_class=tokenizer, train_dataset=data,
-                                args=RewardConfig(max_length=MAX_LENGTH, **_trl_common(workload, out)))
+                                args=RewardConfig(max_length=MAX_LENGTH, **_trl_common(workload, out, tuned)))
     else:
         from trl import DPOConfig, DPOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(world["policy"])
         trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=data,
-                             args=DPOConfig(max_length=MAX_LENGTH, beta=BETA, **_trl_common(workload, out)))
+                             args=DPOConfig(max_length=MAX_LENGTH, beta=BETA, precompute_ref_log_probs=tuned,
+                                            **_trl_common(workload, out, tuned)))
     trainer.train()
     trainer.save_model(out)
+    return _trl_checks(trainer)
 
 
-def _run_trl_ppo(world: dict, out: str, tokenizer) -> None:
+def _run_trl_ppo(world: dict, out: str, tokenizer, tuned: bool) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -133,14 +162,15 @@ def _run_trl_ppo(world: dict, out: str, tokenizer) -> None:
     value_model = AutoModelForSequenceClassification.from_pretrained(world["reward"], num_labels=1)
     args = PPOConfig(num_ppo_epochs=PPO_EPOCHS, num_mini_batches=1, response_length=RESPONSE_LENGTH,
                      temperature=TEMPERATURE, total_episodes=len(prompts), local_rollout_forward_batch_size=BATCH,
-                     num_sample_generations=0, stop_token=None, **_trl_common("ppo", out))
+                     num_sample_generations=0, stop_token=None, **_trl_common("ppo", out, tuned))
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref_policy,
                          reward_model=reward_model, value_model=value_model, train_dataset=prompts)
     trainer.train()
     trainer.save_model(out)
+    return {"gradient_checkpointing": bool(args.gradient_checkpointing)}
 
 
-def _run_trl_grpo(world: dict, out: str, tokenizer) -> dict:
+def _run_trl_grpo(world: dict, out: str, tokenizer, tuned: bool) -> dict:
     """TRL 1.16's GRPOTrainer with tunelab's batch shape. TRL counts completions, not prompts: an optimizer
     step is per_device_train_batch_size x gradient_accumulation_steps completions (GRPO_MINIBATCH), and one
     generation batch, steps_per_generation x per_device_train_batch_size completions, is BATCH prompts x
@@ -159,7 +189,7 @@ def _run_trl_grpo(world: dict, out: str, tokenizer) -> dict:
         return grpo_reward.reward(prompts, completions, **columns)
 
     reward.__name__ = "grpo_reward"
-    common = _trl_common("grpo", out)
+    common = _trl_common("grpo", out, tuned)
     micro = common.pop("per_device_train_batch_size")
     common.pop("gradient_accumulation_steps")
     args = GRPOConfig(per_device_train_batch_size=micro, gradient_accumulation_steps=GRPO_MINIBATCH // micro,
@@ -197,6 +227,8 @@ def _cpu_seconds() -> float:
 
 def main() -> None:
     tool, workload, world_dir, result = sys.argv[1:5]
+    if tool not in ("tunelab", "trl", "trl-tuned"):
+        raise SystemExit(f"unknown tool {tool!r}: expected tunelab, trl or trl-tuned")
     import torch
 
     threads = int(os.environ.get("BENCH_THREADS", "2"))
@@ -204,7 +236,7 @@ def main() -> None:
     world = json.loads((Path(world_dir) / "paths.json").read_text())
     import transformers  # noqa: F401  (imports are outside the timed span)
 
-    if tool == "trl":
+    if tool != "tunelab":
         import datasets  # noqa: F401
         import trl  # noqa: F401
     else:
@@ -214,7 +246,10 @@ def main() -> None:
         before = peak_rss_mib()
         cpu_before = _cpu_seconds()
         started = time.perf_counter()
-        checks = (run_tunelab if tool == "tunelab" else run_trl)(workload, world, out) or {}
+        if tool == "tunelab":
+            checks = run_tunelab(workload, world, out) or {}
+        else:
+            checks = run_trl(workload, world, out, tuned=tool == "trl-tuned") or {}
         seconds = time.perf_counter() - started
         cpu = _cpu_seconds() - cpu_before
     if workload == "grpo":
@@ -222,10 +257,10 @@ def main() -> None:
 
         checks["responses_scored"] = grpo_reward.SCORED[0]
     peak = peak_rss_mib()
-    version = __import__(tool).__version__ if tool == "trl" else __import__("tunelab").__version__
+    version = __import__("tunelab" if tool == "tunelab" else "trl").__version__
     Path(result).write_text(json.dumps({"tool": tool, "workload": workload, "seconds": seconds,
                                         "cpu_seconds": cpu, "peak_rss_mib": peak, "rss_after_imports_mib": before,
-                                        "threads": threads, "version": version,
+                                        "threads": threads, "version": version, "precision": precision(),
                                         "torch_threads": torch.get_num_threads(), "checks": checks}))
 
 
