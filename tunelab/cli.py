@@ -548,6 +548,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunelab` command; returns the exit status."""
+    from tunelab import allocator
     from tunelab.checkpoint import RunDirError
     from tunelab.data.load import DataError
     from tunelab.distributed import LaunchError
@@ -557,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parse(build_parser(), argv)
     _quiet_libraries()
+    allocator.tune()
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
