@@ -157,7 +157,7 @@ def group_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: dic
     return stats | {"response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
 
 
-def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = False,
+def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
                  quiet: bool = False) -> GroupRLResult:
     """Run GRPO or RLOO iterations (train.max_steps of them) and write `final/` (the policy).
 
@@ -175,7 +175,8 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
                             f"{rl.num_generations})")
     reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size,
                                device=distributed.state().device)
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     use_ref = rl.kl != "off" and rl.kl_coef > 0

@@ -110,9 +110,11 @@ def kto_reference(policy: nn.Module, ref_model: nn.Module | None, chunk: int) ->
     return gathered_reference
 
 
-def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> KTOResult:
+def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
+            allow_changes: bool = False, quiet: bool = False) -> KTOResult:
     """Optimize a policy on desirable/undesirable feedback and write `final/` into `config.output`."""
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_feedback_data(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model

@@ -127,7 +127,8 @@ def rollout_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: d
             "response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
 
 
-def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> PPOResult:
+def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
+            allow_changes: bool = False, quiet: bool = False) -> PPOResult:
     """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`.
 
     With N processes each iteration's prompts are shared out (`train.batch_size` is the total), each
@@ -140,7 +141,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
                       ppo__minibatch_size=config.ppo.minibatch_size)
     reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size,
                                device=distributed.state().device)
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     policy = prepared.model
