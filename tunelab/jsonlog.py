@@ -25,9 +25,9 @@ def append_jsonl(path: Path, record: dict, pause_point: str | None = "metrics") 
     data = (json.dumps(record) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if pause_point and pause.wanted(pause_point):  # a test stops here with half the line written
+        if pause_point and pause.reached(pause_point):  # a test stops here with half the line written
             os.write(fd, data[:len(data) // 2])
-            pause.at(pause_point)
+            pause.wait()
             data = data[len(data) // 2:]
         os.write(fd, data)
     finally:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tunelab import distributed, precision, stopping
+from tunelab import distributed, pause, precision, stopping
 from tunelab.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from tunelab.config import ModelConfig
 from tunelab.data.dataset import prepare_data
@@ -250,6 +250,7 @@ class OnlineLoop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        pause.at("optimizer")
 
     def checkpoint(self):
         check_weights(self.raw, self.iteration, self.prepared.run, "iteration")
