@@ -135,8 +135,11 @@ def state_bytes(obj) -> int:
     return 0
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def write_failure(what: str, folder: Path, exc: OSError, needed: int, good: Path | None) -> RunDirError:
@@ -144,8 +147,8 @@ def write_failure(what: str, folder: Path, exc: OSError, needed: int, good: Path
     kept = f"the last good checkpoint {good} is intact" if good else "no earlier checkpoint exists"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-        return RunDirError(f"no space left on the device while writing {what}: it needs about {_megabytes(needed)}"
-                           f" and {_megabytes(free)} is free in {folder}; nothing of it was kept, {kept}. Free "
+        return RunDirError(f"no space left on the device while writing {what}: it needs about {_size(needed)}"
+                           f" and {_size(free)} is free in {folder}; nothing of it was kept, {kept}. Free "
                            "some space, then run the same command with --resume")
     return RunDirError(f"could not write {what} into {folder}: {exc.strerror or exc}; nothing of it was kept, "
                        f"{kept}")

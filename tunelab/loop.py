@@ -17,6 +17,7 @@ exact resume, Ctrl-C saving, and stopping on a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from tunelab import distributed, pause, precision, stopping
-from tunelab.checkpoint import RunDir, checkpoint_to_resume, load_checkpoint, save_checkpoint
+from tunelab.checkpoint import RunDir, checkpoint_to_resume, load_checkpoint, save_checkpoint, write_failure
 from tunelab.config import TrainConfig
 from tunelab.jsonlog import append_jsonl, read_jsonl
 from tunelab.report import report_at_end
@@ -160,7 +161,16 @@ def _combine(parts: list[tuple[float, float, dict[str, float], dict[str, float]]
 
 
 def _append_metrics(run: RunDir, record: dict) -> None:
-    append_jsonl(run.metrics, record)
+    append_log(run, run.metrics, record)
+
+
+def append_log(run: RunDir, path, record: dict, pause_point: str | None = "metrics") -> None:
+    """Append a record to one of the run's JSONL logs; a failed write is a RunDirError saying what is intact."""
+    try:
+        append_jsonl(path, record, pause_point)
+    except OSError as exc:
+        raise write_failure(f"a line of {path.name}", run.path, exc, len(json.dumps(record)) + 1,
+                            run.latest_checkpoint()) from exc
 
 
 def last_logged_loss(run: RunDir) -> float | None:

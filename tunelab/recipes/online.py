@@ -27,9 +27,9 @@ from tunelab.data.formats import Example
 from tunelab.data.templates import prompt_text
 from tunelab.distributed import log
 from tunelab.logprobs import token_logprobs
-from tunelab.jsonlog import append_jsonl, trim_jsonl
-from tunelab.loop import (Progress, TrainingError, build_optimizer, check_grad_norm, check_weights, lr_factor,
-                          stop_on_signal)
+from tunelab.jsonlog import trim_jsonl
+from tunelab.loop import (Progress, TrainingError, append_log, build_optimizer, check_grad_norm, check_weights,
+                          lr_factor, stop_on_signal)
 from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import Prepared, batch_plan, micro_batch_budget, split_by_tokens, write_final
 from tunelab.report import report_at_end
@@ -296,7 +296,7 @@ class OnlineLoop:
         record = {"step": self.iteration, **done.record, "lr": self.scheduler.get_last_lr()[0],
                   "iteration_s": round(time.time() - started, 3)}
         if self.accelerator.is_main_process:
-            append_jsonl(run.metrics, record)
+            append_log(run, run.metrics, record)
             if self.sample_every and (self.iteration % self.sample_every == 0 or self.iteration == 1):
                 self._log_samples(done.rollout, done.scores)
         self.progress.update(self.iteration, score=record["score_mean"], kl=record.get("kl", 0.0))
@@ -312,8 +312,8 @@ class OnlineLoop:
     def _log_samples(self, rollout: Rollout, scores: torch.Tensor, n: int = 3) -> None:
         """A few prompt/response/score samples to the log and to samples.jsonl."""
         for prompt, response, score in list(zip(rollout.prompts, rollout.responses, scores.tolist()))[:n]:
-            append_jsonl(self.prepared.run.path / "samples.jsonl",
-                         {"step": self.iteration, "prompt": prompt, "response": response, "score": score},
-                         pause_point=None)
+            append_log(self.prepared.run, self.prepared.run.path / "samples.jsonl",
+                       {"step": self.iteration, "prompt": prompt, "response": response, "score": score},
+                       pause_point=None)
             self.progress.write(f"[iteration {self.iteration}] score {score:+.3f} | {prompt[-60:]!r} -> "
                                 f"{response[:100]!r}")
