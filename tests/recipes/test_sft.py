@@ -220,7 +220,7 @@ def test_sft_help_documents_every_flag_and_config_key(capsys):
         main(["sft", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--output", "--config", "--max-steps", "--epochs", "--lr", "--batch-size",
-                 "--peft", "--resume", "key=value"):
+                 "--peft", "--resume", "--allow-changes", "key=value"):
         assert flag in text, flag
     for key in ("lora.r", "train.lr", "data.max_length", "data.train_on_prompt", "model.gradient_checkpointing"):
         assert key in text, key
