@@ -68,6 +68,7 @@ def test_a_run_killed_before_final_is_finished_by_resume(world, straight, tmp_pa
     assert "(step 4/4)" in err and "sft done: 4 steps" in err and "last train loss" in err
     assert result.train.train_loss == pytest.approx(read_jsonl(tmp_path / "run" / "metrics.jsonl")[3]["loss"])
     assert (tmp_path / "run" / "final" / "manifest.json").is_file()
+    assert not (tmp_path / "run" / "run.lock").exists()  # released when the run ends, the process lives on
     assert_same_weights(tmp_path / "run", straight)
 
 

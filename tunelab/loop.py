@@ -210,18 +210,6 @@ def check_grad_norm(norm: float | None, step: int, run: RunDir, unit: str = "ste
             "precision.")
 
 
-def stop_on_signal(save: Callable[[], object], run: RunDir, step: int, progress: "Progress",
-                   unit: str = "step") -> None:
-    """At a step boundary: if a stop signal came (on any process), checkpoint and raise `Interrupted`."""
-    if not stopping.requested_anywhere():
-        return
-    progress.close()
-    path = save()
-    distributed.log(f"\nstopped by {stopping.signal_name()} after {unit} {step}: checkpoint saved in {path}; run "
-                    "the same command with --resume to continue")
-    raise stopping.Interrupted()
-
-
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -412,8 +400,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
                     if config.save_every and step % config.save_every == 0:
                         checkpoint_now()
                         saved_at = step
-                    stop_on_signal(lambda: run.latest_checkpoint() if saved_at == step else checkpoint_now(), run,
-                                   step, progress)
+                    stopping.at_boundary(lambda: run.latest_checkpoint() if saved_at == step else checkpoint_now(),
+                                         step, progress)
                 if len(batches) - position < world:
                     epoch, position = epoch + 1, 0
         except stopping.Interrupted:

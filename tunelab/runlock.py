@@ -2,13 +2,14 @@
 
 A second run into a locked folder (new, `--overwrite` or `--resume`) is refused with the holder named.
 A lock left by a process that is gone (its PID dead on this host, or reused by another process) is
-taken over with a warning. A process releases its locks when it exits; one that is killed leaves its
-lock behind, stale, for the next run to take over.
+taken over with a warning. A run releases its lock when it ends (and a process all it holds when it
+exits); one that is killed leaves its lock behind, stale, for the next run to take over.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import socket
@@ -95,10 +96,28 @@ def acquire(folder: Path) -> None:
     _held.add(path)
 
 
+def release(folder: Path) -> None:
+    """Remove `folder`'s lock if this process holds it."""
+    path = Path(folder) / LOCK_NAME
+    info = _read(path)
+    if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+    _held.discard(path)
+
+
+def releasing(run_recipe):
+    """Decorate a `run_<recipe>(config, ...)` function: the lock on `config.output` is released when it returns
+    or fails, so a notebook or script that goes on running holds no finished run's folder."""
+    @functools.wraps(run_recipe)
+    def run(config, *args, **kwargs):
+        try:
+            return run_recipe(config, *args, **kwargs)
+        finally:
+            release(Path(config.output))
+    return run
+
+
 def release_all() -> None:
     """Remove the locks this process holds."""
     for path in list(_held):
-        info = _read(path)
-        if info and info.get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
-        _held.discard(path)
+        release(path.parent)

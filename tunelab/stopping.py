@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 import threading
+from typing import Callable
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -38,6 +39,20 @@ def requested_anywhere() -> bool:
 
 def signal_name() -> str:
     return signal.Signals(_received[0]).name if _received else "a signal"
+
+
+def at_boundary(save: Callable[[], object], step: int, progress, unit: str = "step") -> None:
+    """At a step boundary: if a stop signal came (on any process), close `progress`, checkpoint with
+    `save()` (which returns the checkpoint's path) and raise `Interrupted`."""
+    from tunelab import distributed
+
+    if not requested_anywhere():
+        return
+    progress.close()
+    path = save()
+    distributed.log(f"\nstopped by {signal_name()} after {unit} {step}: checkpoint saved in {path}; run the same "
+                    "command with --resume to continue")
+    raise Interrupted()
 
 
 def _handle(signum, frame) -> None:

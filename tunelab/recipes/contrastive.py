@@ -30,6 +30,7 @@ from tunelab.embed import (EmbeddingModule, check_pad_token, embed_ids, load_enc
 from tunelab.loop import TrainResult, _append_metrics
 from tunelab.losses import info_nce_loss
 from tunelab.recipes.common import log, prepare_recipe, train_recipe
+from tunelab.runlock import releasing
 
 ROLES = ("anchor", "positive", "negative")
 
@@ -179,6 +180,7 @@ def write_embedding_final(run, model, tokenizer, config: ContrastiveConfig, pool
     return run.final
 
 
+@releasing
 def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrite: bool = False,
                     allow_changes: bool = False,
                     quiet: bool = False) -> ContrastiveResult:

@@ -30,6 +30,7 @@ from tunelab.losses import dpo_loss, orpo_loss, simpo_loss
 from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
+from tunelab.runlock import releasing
 
 RefFn = Callable[[dict], torch.Tensor]
 
@@ -142,6 +143,7 @@ def check_reference_free(config: DPOConfig) -> None:
                           "response's NLL (weight 1); the odds-ratio term's weight is dpo.beta")
 
 
+@releasing
 def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> DPOResult:
     """Optimize a policy on preference pairs and write `final/` into `config.output`."""

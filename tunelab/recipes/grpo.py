@@ -36,6 +36,7 @@ from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_
 from tunelab.recipes.ppo import PolicyWithValueHead
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
+from tunelab.runlock import releasing
 
 
 GroupRLResult = OnlineResult
@@ -157,6 +158,7 @@ def group_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: dic
     return stats | {"response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
 
 
+@releasing
 def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
                  quiet: bool = False) -> GroupRLResult:
     """Run GRPO or RLOO iterations (train.max_steps of them) and write `final/` (the policy).
@@ -215,9 +217,10 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
 
     history = loop.run(step)
     final = loop.finish()
-    if history:
-        last = history[-1]
-        log(f"{name} done: {loop.iteration} iterations; score {history[0]['score_mean']:.3f} -> "
+    records = loop.records()  # the whole run's, also those logged before a resume
+    if records:
+        last = records[-1]
+        log(f"{name} done: {loop.iteration} iterations; score {records[0]['score_mean']:.3f} -> "
             f"{last['score_mean']:.3f}" + (f", KL to reference {last['kl']:.3f}" if "kl" in last else "")
             + f"; policy in {final}")
     return GroupRLResult(prepared.run.path, final, loop.iteration, history)

@@ -27,9 +27,9 @@ from tunelab.data.formats import Example
 from tunelab.data.templates import prompt_text
 from tunelab.distributed import log
 from tunelab.logprobs import token_logprobs
-from tunelab.jsonlog import trim_jsonl
+from tunelab.jsonlog import read_jsonl, trim_jsonl
 from tunelab.loop import (Progress, TrainingError, append_log, build_optimizer, check_grad_norm, check_weights,
-                          lr_factor, stop_on_signal)
+                          lr_factor)
 from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import Prepared, batch_plan, micro_batch_budget, split_by_tokens, write_final
 from tunelab.report import report_at_end
@@ -273,8 +273,8 @@ class OnlineLoop:
                     saved = train.save_every and self.iteration % train.save_every == 0
                     if saved:
                         self.checkpoint()
-                    stop_on_signal(lambda: run.latest_checkpoint() if saved else self.checkpoint(), run,
-                                   self.iteration, self.progress, "iteration")
+                    stopping.at_boundary(lambda: run.latest_checkpoint() if saved else self.checkpoint(),
+                                         self.iteration, self.progress, "iteration")
             except stopping.Interrupted:
                 raise
             except KeyboardInterrupt:  # a second signal: stop at once, mid-iteration, saving nothing
@@ -284,6 +284,11 @@ class OnlineLoop:
                 raise
         self.progress.close()
         return history
+
+    def records(self) -> list[dict]:
+        """The iteration records of metrics.jsonl: the whole run, also what was logged before a resume."""
+        return [r for r in read_jsonl(self.prepared.run.metrics, warn=False) if "score_mean" in r] \
+            if self.prepared.run.metrics.is_file() else []
 
     def _iterate(self, step: Callable[[list[str]], Step], batch: list[int]) -> dict:
         """One iteration on the prompts of `batch` (this process's share); logs and returns its record."""

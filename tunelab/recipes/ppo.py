@@ -36,6 +36,7 @@ from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_
                                     shape_scores, take_rows)
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
+from tunelab.runlock import releasing
 
 
 class PolicyWithValueHead(nn.Module):
@@ -127,6 +128,7 @@ def rollout_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: d
             "response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
 
 
+@releasing
 def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> PPOResult:
     """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`.
@@ -188,9 +190,10 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
 
     history = loop.run(step)
     final = loop.finish()
-    if history:
-        last = history[-1]
-        log(f"ppo done: {loop.iteration} iterations; score {history[0]['score_mean']:.3f} -> "
+    records = loop.records()  # the whole run's, also those logged before a resume
+    if records:
+        last = records[-1]
+        log(f"ppo done: {loop.iteration} iterations; score {records[0]['score_mean']:.3f} -> "
             f"{last['score_mean']:.3f}, KL to reference {last['kl']:.3f}; policy in {final}")
     return PPOResult(prepared.run.path, final, loop.iteration, history)
 

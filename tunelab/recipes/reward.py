@@ -21,6 +21,7 @@ from tunelab.losses import bradley_terry_loss
 from tunelab.modeling import load_reward_model
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.rewards import RewardModule
+from tunelab.runlock import releasing
 
 
 @dataclass
@@ -53,6 +54,7 @@ def reward_step(center_coef: float, use_margin: bool):
     return step
 
 
+@releasing
 def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False,
            allow_changes: bool = False, quiet: bool = False) -> RMResult:
     """Train a reward model and write `final/` (model or adapter + head, and tokenizer) into `config.output`."""
