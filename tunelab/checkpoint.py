@@ -202,11 +202,13 @@ class RunDir:
     def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
         """Check, then create the directory (emptying it first with overwrite) and clear crash leftovers."""
         self.check(resume=resume, overwrite=overwrite)
-        self.path.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.mkdir(parents=True, exist_ok=True)
             runlock.acquire(self.path)
         except runlock.LockedError as exc:
             raise RunDirError(str(exc)) from None
+        except OSError as exc:
+            raise RunDirError(f"cannot write into the output directory {self.path}: {exc.strerror or exc}") from None
         if overwrite and not resume:  # everything but the lock just taken
             for entry in self.path.iterdir():
                 if entry.name != runlock.LOCK_NAME:
@@ -334,8 +336,8 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
     else:
         with distributed.gathered(module):
             weights = trainable_state(module) if distributed.is_main() else None
-    if distributed.is_main():
-        optimizer_state = None if engine is not None else optimizer_state if sharded else optimizer.state_dict()
+    def write() -> None:
+        saved_optimizer = None if engine is not None else optimizer_state if sharded else optimizer.state_dict()
         good = run.latest_checkpoint()
         try:
             with atomic_dir(target, manifest=True) as tmp:
@@ -345,7 +347,7 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
                     os.replace(staging / ENGINE_DIR, tmp / ENGINE_DIR)
                     shutil.rmtree(staging, ignore_errors=True)
                 else:
-                    torch.save(optimizer_state, tmp / "optimizer.pt")
+                    torch.save(saved_optimizer, tmp / "optimizer.pt")
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
                 for rank, (tensors, _) in enumerate(rng_states):
                     save_file(tensors, tmp / f"rng-{rank}.safetensors")
@@ -353,12 +355,32 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
                          "rng": [p for _, p in rng_states]}
                 (tmp / "state.json").write_text(json.dumps(state))
         except OSError as exc:
-            needed = state_bytes(weights) + state_bytes(optimizer_state) + state_bytes(rng_states)
+            needed = state_bytes(weights) + state_bytes(saved_optimizer) + state_bytes(rng_states)
             raise write_failure(f"checkpoint {target.name}", run.checkpoints, exc, needed, good) from exc
         for old in run.checkpoint_dirs()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    distributed.wait()
+
+    main_writes(write)
     return target
+
+
+def main_writes(write) -> None:
+    """Run `write()` on the main process while the others wait; a RunDirError it raises is raised on every
+    process, so none is left waiting for the others."""
+    from tunelab import distributed
+
+    if distributed.world_size() == 1:
+        write()
+        return
+    error = None
+    if distributed.is_main():
+        try:
+            write()
+        except RunDirError as exc:
+            error = str(exc)
+    error = distributed.gather_objects(error)[0]
+    if error:
+        raise RunDirError(error)
 
 
 def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler, engine=None) -> dict:

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from tunelab import distributed, pause
-from tunelab.checkpoint import RunDir, atomic_dir, atomic_write_text, state_bytes, write_failure
+from tunelab.checkpoint import (RunDir, RunDirError, atomic_dir, atomic_write_text, main_writes, state_bytes,
+                                write_failure)
 from tunelab.config import RecipeConfig, config_to_yaml
 from tunelab.data.batching import epoch_batches, mixture_indices, pad_batch
 from tunelab.data.dataset import Item, TokenizedData
@@ -31,11 +32,16 @@ def absolute_if_local(name_or_path: str) -> str:
 def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool, header: str = "") -> RunDir:
     """Prepare the run directory and write the fully resolved config.yaml (with `header` as a comment)."""
     run = RunDir(output)
-    distributed.wait()  # every process has checked the directory before it changes
-    if distributed.is_main():  # with several processes, one owns the directory
+
+    def write() -> None:
         run.prepare(resume=resume, overwrite=overwrite)
-        atomic_write_text(run.config, (f"# {header}\n" if header else "") + config_to_yaml(config))
-    distributed.wait()
+        try:
+            atomic_write_text(run.config, (f"# {header}\n" if header else "") + config_to_yaml(config))
+        except OSError as exc:
+            raise RunDirError(f"cannot write {run.config}: {exc.strerror or exc}") from None
+
+    distributed.wait()  # every process has checked the directory before it changes
+    main_writes(write)  # with several processes, one owns the directory
     return run
 
 
@@ -168,7 +174,8 @@ def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -
     """
     state = distributed.whole_state_dict(whole, model) if whole is not None else None
     check_final_weights(run, model, state)
-    if distributed.is_main():
+
+    def write() -> None:
         good = run.latest_checkpoint()
         try:
             with atomic_dir(run.final, manifest=True) as tmp:
@@ -177,7 +184,8 @@ def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -
         except OSError as exc:
             needed = state_bytes(state if state is not None else model.state_dict())
             raise write_failure("final/", run.path, exc, needed, good) from exc
-    distributed.wait()
+
+    main_writes(write)
     return run.final
 
 
