@@ -8,9 +8,10 @@ import sys
 
 import torch
 
-import tunelab.recipes.ppo  # noqa: F401  (imported once in the server, shared by every child)
-import tunelab.recipes.sft  # noqa: F401
 from tunelab.cli import main
+from tunelab.recipes import ppo, sft
+
+PRELOADED = (ppo, sft)  # imported once in the server, shared by every child
 
 
 def run_cli(argv: list[str], env: dict[str, str], log: str) -> None:

@@ -178,6 +178,8 @@ def test_ppo_stopped_mid_iteration_resumes_to_the_uninterrupted_weights(world, s
     assert stop_at(argv, point, signals, tmp_path / "stopped.log") == code
     assert (checkpoint_steps(run_dir) or [0])[-1] == newest
     if not newest:  # killed before any checkpoint: nothing to resume, start again
+        assert run(argv + ["--resume"], tmp_path / "resume.log") == 2
+        assert "error: nothing to resume in" in (tmp_path / "resume.log").read_text()
         argv = argv + ["--overwrite"]
         assert run(argv, tmp_path / "again.log") == 0
         diff = max_diff(run_dir, straight / "ppo")

@@ -59,8 +59,11 @@ def _handle(signum, frame) -> None:
     if _received:
         raise KeyboardInterrupt  # the second signal: stop now
     _received.append(signum)
-    print(f"\n{signal.Signals(signum).name} received: stopping after the current step with a checkpoint "
-          "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+    try:
+        print(f"\n{signal.Signals(signum).name} received: stopping after the current step with a checkpoint "
+              "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+    except OSError:  # no terminal any more (SIGHUP): stop all the same
+        pass
 
 
 @contextlib.contextmanager
