@@ -85,11 +85,13 @@ def test_a_torn_last_metrics_line_is_dropped_by_resume_and_by_report(world, stra
     assert metrics.read_text().endswith("\n")
 
 
-def test_a_bad_line_before_the_end_of_metrics_is_an_error_naming_it(tmp_path):
-    path = write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1}])
+def test_a_bad_line_before_the_end_of_metrics_is_an_error_naming_it(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(JsonlError, match=r"metrics.jsonl line 2 is not JSON"):
         read_jsonl(path)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "tunelab report: error: " in capsys.readouterr().err
 
 
 def _flip_byte(path, offset=-100):
