@@ -129,6 +129,16 @@ def test_no_intact_checkpoint_is_a_clear_error(world, straight, tmp_path):
         run_sft(config, resume=True, quiet=True)
 
 
+def test_a_checkpoint_from_before_manifests_is_resumed_unchecked(world, straight, tmp_path, capsys):
+    config = stopped_copy(world, tmp_path)
+    for step in (2, 4):
+        (tmp_path / "run" / "checkpoints" / f"step-{step}" / "manifest.json").unlink()
+    capsys.readouterr()
+    run_sft(config, resume=True, quiet=True)
+    assert "step-4 has no manifest.json (written by an earlier tunelab)" in capsys.readouterr().err
+    assert_same_weights(tmp_path / "run", straight)
+
+
 def cli_args(world, output, *extra):
     model, data = world
     return ["sft", "--model", str(model), "--data", str(data), "--output", str(output), "--lr", "5e-3", "--quiet",

@@ -217,12 +217,12 @@ class RunDir:
             shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
 
     def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints (renamed into place: with a manifest, or from before manifests), oldest first."""
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.iterdir()
                  if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
-                 and (p / MANIFEST).is_file()]
+                 and ((p / MANIFEST).is_file() or (p / "state.json").is_file())]
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
     def latest_checkpoint(self) -> Path | None:
@@ -234,6 +234,9 @@ class RunDir:
         and set aside as `damaged-step-<N>`. Raises RunDirError when none is good."""
         problems = []
         for path in reversed(self.checkpoint_dirs()):
+            if not (path / MANIFEST).is_file():  # renamed into place complete, by a tunelab without manifests
+                say(f"note: {path} has no {MANIFEST} (written by an earlier tunelab): resuming without checking it")
+                return path
             problem = verify_manifest(path)
             if problem is None:
                 if problems:
