@@ -322,7 +322,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     window_counts: dict[str, int] = {}  # steps that logged each key (a metric may be missing from some)
     window_tokens, window_start = 0, time.time()
     last_loss, started = (last_logged_loss(run) if resume else None), time.time()
-    saved_at = step if resume else None
+    saved_at = None  # the step of the newest checkpoint written by this loop
     module.train()
     with stopping.handling_signals():
         try:
