@@ -188,6 +188,34 @@ def test_resume_after_killing_the_launcher_matches_an_uninterrupted_run(world, t
     assert [m["step"] for m in metrics(cut)] == [m["step"] for m in metrics(tmp_path / "ref")]
 
 
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_with_a_checkpoint(world, tmp_path):
+    """What a scheduler does before preempting a job: both workers finish the step they are in (paused mid-step 3
+    here), write one checkpoint, exit 130; resuming on 2 processes ends at the uninterrupted weights."""
+    args = common_args(world, "sft", "sft") + ["--max-steps", "5", "--lr", "1e-2", "train.save_every=2",
+                                               "train.eval_every=0"]
+    launch(2, tmp_path / "rec-ref", args + ["--output", str(tmp_path / "ref")])
+    cut, marker = tmp_path / "cut", tmp_path / "paused"
+    launcher = subprocess.Popen(launch_command(2, tmp_path / "rec-cut", args + ["--output", str(cut)]),
+                                env=launch_env(TUNELAB_TEST_PAUSE_AT="step:3", TUNELAB_TEST_PAUSE_FILE=str(marker)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert launcher.poll() is None and time.time() < deadline, "the run never reached step 3"
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        stderr = launcher.communicate(timeout=120)[1]
+    finally:
+        launcher.kill() if launcher.poll() is None else None
+    assert launcher.returncode != 0
+    assert f"stopped by SIGTERM after step 3: checkpoint saved in {cut / 'checkpoints' / 'step-3'}" in stderr, \
+        stderr[-3000:]
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step-*")) == ["step-2", "step-3"]
+    assert not (cut / "final").exists() and not (cut / "run.lock").exists()
+    launch(2, tmp_path / "rec-resume", args + ["--output", str(cut), "--resume"])
+    assert max_weight_diff(tmp_path / "ref", cut) <= 1e-6
+
+
 def test_a_nan_on_one_process_stops_both_with_the_message(world, tmp_path):
     args = common_args(world, "sft", "sft") + ["--max-steps", "6", "train.save_every=2", "train.eval_every=0",
                                                "--output", str(tmp_path / "run")]

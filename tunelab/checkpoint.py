@@ -7,17 +7,22 @@ runs/<name>/
   final/                 model or adapter + tokenizer, loadable with plain transformers/peft
 
 Everything is written into a hidden temporary directory beside its target and renamed into place,
-so a crash mid-save leaves the previous checkpoint (and no half-written one) on disk.
+so a crash mid-save leaves the previous checkpoint (and no half-written one) on disk. A checkpoint and
+final/ carry `manifest.json` (every file's size and sha256), written last and flushed to disk before the
+rename: resume verifies it, and skips a damaged checkpoint for the one before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunelab import pause, runlock
+from tunelab.jsonlog import trim_jsonl
+
 CHECKPOINT_PREFIX = "step-"
+MANIFEST = "manifest.json"
 
 
 class RunDirError(RuntimeError):
@@ -33,14 +42,21 @@ class RunDirError(RuntimeError):
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary directory that replaces `target` only if the block completes."""
+def atomic_dir(target: Path, manifest: bool = False):
+    """Yield a temporary directory that replaces `target` only if the block completes.
+
+    With `manifest`, `manifest.json` (sizes and checksums of every file) is written last and everything
+    is flushed to disk before the rename, so `target` is complete whenever it exists, even after a power cut.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        if manifest:
+            write_manifest(tmp)
+            pause.at("checkpoint-done")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -48,7 +64,94 @@ def atomic_dir(target: Path):
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
+    _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_digest(path: Path, flush: bool = False) -> dict:
+    """Size and sha256 of a file (flushed to disk first with `flush`)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if flush:
+            os.fsync(handle.fileno())
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """Write `folder/manifest.json`: the size and sha256 of every file in it (hashed in parallel), last."""
+    names = _files(folder)
+    with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
+        digests = dict(zip(names, pool.map(lambda n: _file_digest(folder / n, flush=True), names)))
+    for sub in {(folder / n).parent for n in names}:
+        _fsync_dir(sub)
+    with (folder / MANIFEST).open("w") as handle:
+        json.dump({"files": digests}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """What is wrong with a folder written with a manifest (missing, truncated or changed files), or None."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is missing or unreadable"
+    for name, expected in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} is {size} bytes, {expected['bytes']} were written (truncated or overwritten)"
+    for name, expected in listed.items():
+        if _file_digest(folder / name)["sha256"] != expected["sha256"]:
+            return f"{name} does not match its checksum (the file was damaged after it was written)"
+    return None
+
+
+def state_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what saving it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def write_failure(what: str, folder: Path, exc: OSError, needed: int, good: Path | None) -> RunDirError:
+    """The error for an OSError while writing `what` into `folder`: what it needed, what is intact."""
+    kept = f"the last good checkpoint {good} is intact" if good else "no earlier checkpoint exists"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        return RunDirError(f"no space left on the device while writing {what}: it needs about {_size(needed)}"
+                           f" and {_size(free)} is free in {folder}; nothing of it was kept, {kept}. Free "
+                           "some space, then run the same command with --resume")
+    return RunDirError(f"could not write {what} into {folder}: {exc.strerror or exc}; nothing of it was kept, "
+                       f"{kept}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -90,40 +193,82 @@ class RunDir:
         if resume and self.latest_checkpoint() is None:
             raise RunDirError(f"nothing to resume in {self.path}: it has no complete checkpoint "
                               f"(looked in {self.checkpoints})")
+        if self.path.is_dir():
+            try:
+                runlock.check_free(self.path)
+            except runlock.LockedError as exc:
+                raise RunDirError(str(exc)) from None
 
     def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
         """Check, then create the directory (emptying it first with overwrite) and clear crash leftovers."""
         self.check(resume=resume, overwrite=overwrite)
-        if overwrite and not resume and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            runlock.acquire(self.path)
+        except runlock.LockedError as exc:
+            raise RunDirError(str(exc)) from None
+        except OSError as exc:
+            raise RunDirError(f"cannot write into the output directory {self.path}: {exc.strerror or exc}") from None
+        if overwrite and not resume:  # everything but the lock just taken
+            for entry in self.path.iterdir():
+                if entry.name != runlock.LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         for stale in [*self.path.glob(".tmp-*"), *self.checkpoints.glob(".tmp-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
 
     def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints (renamed into place: with a manifest, or from before manifests), oldest first."""
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.iterdir()
-                 if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()]
+                 if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+                 and ((p / MANIFEST).is_file() or (p / "state.json").is_file())]
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
     def latest_checkpoint(self) -> Path | None:
         dirs = self.checkpoint_dirs()
         return dirs[-1] if dirs else None
 
+    def resume_checkpoint(self, say=print) -> Path:
+        """The newest checkpoint whose files match its manifest; damaged newer ones are reported (via `say`)
+        and set aside as `damaged-step-<N>`. Raises RunDirError when none is good."""
+        problems = []
+        for path in reversed(self.checkpoint_dirs()):
+            if not (path / MANIFEST).is_file():  # renamed into place complete, by a tunelab without manifests
+                say(f"note: {path} has no {MANIFEST} (written by an earlier tunelab): resuming without checking it")
+                return path
+            problem = verify_manifest(path)
+            if problem is None:
+                if problems:
+                    say(f"resuming from {path}, the newest checkpoint that is intact")
+                return path
+            aside = path.with_name(f"damaged-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            problems.append(f"{path.name}: {problem}")
+            say(f"warning: checkpoint {path} is damaged ({problem}); set aside as {aside}")
+        raise RunDirError(f"nothing to resume in {self.path}: no intact checkpoint ("
+                          + "; ".join(problems or ["none found"]) + ")")
+
     def trim_metrics(self, after_step: int) -> None:
         """Drop metric lines logged after `after_step` (by a run that crashed before its next checkpoint)."""
         trim_jsonl(self.metrics, after_step)
 
 
-def trim_jsonl(path: Path, after_step: int) -> None:
-    """Drop the lines of a per-step JSONL log (metrics, samples) whose `step` is after `after_step`."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+def checkpoint_to_resume(run: RunDir) -> Path:
+    """The checkpoint every process resumes from: the main process verifies them (`resume_checkpoint`)."""
+    from tunelab import distributed
+
+    chosen: Path | str = ""
+    if distributed.is_main():
+        try:
+            chosen = run.resume_checkpoint(say=distributed.log)
+        except RunDirError as exc:
+            chosen = str(exc)
+    chosen = distributed.gather_objects(chosen)[0]
+    if isinstance(chosen, str):
+        raise RunDirError(chosen)
+    return chosen
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -194,23 +339,51 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
     else:
         with distributed.gathered(module):
             weights = trainable_state(module) if distributed.is_main() else None
-    if distributed.is_main():
-        with atomic_dir(target) as tmp:
-            save_file(weights, tmp / "trainable.safetensors")
-            if engine is not None:
-                os.replace(staging / ENGINE_DIR, tmp / ENGINE_DIR)
-                shutil.rmtree(staging, ignore_errors=True)
-            else:
-                torch.save(optimizer_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            for rank, (tensors, _) in enumerate(rng_states):
-                save_file(tensors, tmp / f"rng-{rank}.safetensors")
-            state = {"step": step, **position, "world_size": len(rng_states), "rng": [p for _, p in rng_states]}
-            (tmp / "state.json").write_text(json.dumps(state))  # written last: its presence marks completeness
+    def write() -> None:
+        saved_optimizer = None if engine is not None else optimizer_state if sharded else optimizer.state_dict()
+        good = run.latest_checkpoint()
+        try:
+            with atomic_dir(target, manifest=True) as tmp:
+                save_file(weights, tmp / "trainable.safetensors")
+                pause.at("checkpoint")
+                if engine is not None:
+                    os.replace(staging / ENGINE_DIR, tmp / ENGINE_DIR)
+                    shutil.rmtree(staging, ignore_errors=True)
+                else:
+                    torch.save(saved_optimizer, tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                for rank, (tensors, _) in enumerate(rng_states):
+                    save_file(tensors, tmp / f"rng-{rank}.safetensors")
+                state = {"step": step, **position, "world_size": len(rng_states),
+                         "rng": [p for _, p in rng_states]}
+                (tmp / "state.json").write_text(json.dumps(state))
+        except OSError as exc:
+            needed = state_bytes(weights) + state_bytes(saved_optimizer) + state_bytes(rng_states)
+            raise write_failure(f"checkpoint {target.name}", run.checkpoints, exc, needed, good) from exc
         for old in run.checkpoint_dirs()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    distributed.wait()
+
+    main_writes(write)
     return target
+
+
+def main_writes(write) -> None:
+    """Run `write()` on the main process while the others wait; a RunDirError it raises is raised on every
+    process, so none is left waiting for the others."""
+    from tunelab import distributed
+
+    if distributed.world_size() == 1:
+        write()
+        return
+    error = None
+    if distributed.is_main():
+        try:
+            write()
+        except RunDirError as exc:
+            error = str(exc)
+    error = distributed.gather_objects(error)[0]
+    if error:
+        raise RunDirError(error)
 
 
 def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler, engine=None) -> dict:

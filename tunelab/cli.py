@@ -54,6 +54,9 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[st
     parser.add_argument("--peft", choices=peft_choices, help="parameters to train (peft); default lora")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue even though the data, batch, seed, model, PEFT or optimizer "
+                             "settings differ from the run's config.yaml (they are an error otherwise)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=16")
 
@@ -79,7 +82,8 @@ def _recipe_command(cls, module: str, function: str):
         from tunelab.distributed import is_main
 
         run = getattr(importlib.import_module(module), function)
-        result = run(_recipe_config(cls, args), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        result = run(_recipe_config(cls, args), resume=args.resume, overwrite=args.overwrite,
+                     allow_changes=args.allow_changes, quiet=args.quiet)
         if is_main():
             print(result.final_dir)
         return 0
@@ -555,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.loop import TrainingError
     from tunelab.modeling import ModelLoadError
     from tunelab.rewards import RewardSourceError
+    from tunelab.runlock import release_all
 
     args = _parse(build_parser(), argv)
     _quiet_libraries()
@@ -567,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        release_all()  # the run folder's lock
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tunelab import distributed, precision
-from tunelab.checkpoint import RunDir, load_checkpoint, save_checkpoint
+from tunelab import distributed, pause, precision, stopping
+from tunelab.checkpoint import RunDir, checkpoint_to_resume, load_checkpoint, save_checkpoint, write_failure
 from tunelab.config import TrainConfig
+from tunelab.jsonlog import append_jsonl, read_jsonl
 from tunelab.report import report_at_end
 
 Batch = dict[str, Any]
@@ -160,8 +161,53 @@ def _combine(parts: list[tuple[float, float, dict[str, float], dict[str, float]]
 
 
 def _append_metrics(run: RunDir, record: dict) -> None:
-    with run.metrics.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_log(run, run.metrics, record)
+
+
+def append_log(run: RunDir, path, record: dict, pause_point: str | None = "metrics") -> None:
+    """Append a record to one of the run's JSONL logs; a failed write is a RunDirError saying what is intact."""
+    try:
+        append_jsonl(path, record, pause_point)
+    except OSError as exc:
+        raise write_failure(f"a line of {path.name}", run.path, exc, len(json.dumps(record)) + 1,
+                            run.latest_checkpoint()) from exc
+
+
+def last_logged_loss(run: RunDir) -> float | None:
+    """The training loss of the last record in metrics.jsonl (a run resumed with no step left to run)."""
+    records = [r for r in read_jsonl(run.metrics, warn=False) if "loss" in r and r.get("split") != "eval"] \
+        if run.metrics.is_file() else []
+    return records[-1]["loss"] if records else None
+
+
+def nonfinite_name(named_tensors) -> str | None:
+    """The name of the first tensor holding NaN or infinity (a shard's local part for sharded ones), or None."""
+    for name, tensor in named_tensors:
+        local = getattr(tensor, "ds_tensor", None)
+        if local is None:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            return name
+    return None
+
+
+def check_weights(module: nn.Module, step: int, run: RunDir, unit: str = "step") -> None:
+    """Stop before saving weights that hold NaN or infinity; every process learns of it together."""
+    bad = nonfinite_name((n, p) for n, p in module.named_parameters() if p.requires_grad)
+    if distributed.all_sum_floats([float(bad is not None)])[0]:
+        raise TrainingError(
+            f"the weights became NaN or infinite after {unit} {step} ({bad or 'on another process'}); stopped "
+            f"before saving them. Last good checkpoint: {run.latest_checkpoint() or 'none'}. Try a lower "
+            "learning rate (--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
+
+
+def check_grad_norm(norm: float | None, step: int, run: RunDir, unit: str = "step") -> None:
+    """Stop before an optimizer step whose gradient is NaN or infinite (the norm is the same on every process)."""
+    if norm is not None and not math.isfinite(norm):
+        raise TrainingError(
+            f"the gradient norm became {norm} at {unit} {step}; stopped before the update. Last good "
+            f"checkpoint: {run.latest_checkpoint() or 'none'}. Try a lower learning rate (--lr) or fp32 "
+            "precision.")
 
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -244,7 +290,7 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     raw_module = accelerator.unwrap_model(module)
     step, epoch, position = 0, 0, 0
     if resume:  # into the prepared model and optimizer: a sharding wrapper replaces the parameters
-        checkpoint = run.latest_checkpoint()
+        checkpoint = checkpoint_to_resume(run)
         state = load_checkpoint(checkpoint, raw_module, optimizer, scheduler, engine=module if deepspeed else None)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         if accelerator.is_main_process:
@@ -256,9 +302,10 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     # every backward: then all processes run as many micro-batches per step
     lockstep = deepspeed or distributed.in_lockstep(module)
 
-    def checkpoint_now() -> None:
-        save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
-                        config.keep_last, engine=module if deepspeed else None)
+    def checkpoint_now():
+        check_weights(raw_module, step, run)
+        return save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
+                               config.keep_last, engine=module if deepspeed else None)
 
     def run_eval() -> dict[str, float]:
         if not eval_batches:
@@ -274,87 +321,96 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     window: dict[str, float] = {}
     window_counts: dict[str, int] = {}  # steps that logged each key (a metric may be missing from some)
     window_tokens, window_start = 0, time.time()
-    last_loss, started = None, time.time()
+    last_loss, started = (last_logged_loss(run) if resume else None), time.time()
+    saved_at = None  # the step of the newest checkpoint written by this loop
     module.train()
-    try:
-        while step < total:
-            batches = plan(epoch)
-            while len(batches) - position >= world and step < total:
-                consumed = batches[position:position + span]
-                group = [(index, piece, batch, 1.0) for index in range(rank, len(consumed), world)
-                         for piece, batch in enumerate(_micro_batches(collate(consumed[index])))]
-                if lockstep:  # as many passes as the busiest process: the extra ones repeat a batch, weighted 0
-                    busiest = max(distributed.gather_objects(len(group)))
-                    group += [(*group[0][:3], 0.0)] * (busiest - len(group))
-                if prepare_step is not None:
-                    with autocast():
-                        prepare_step(module, [(b, w) for _, _, b, w in group], device)
-                # the loss is a mean over every item of the step, on all processes together
-                n_items = distributed.all_sum_floats([sum(b["n_items"] * w for _, _, b, w in group)])[0] or 1
-                loss_total, n_tokens, sums, counts = 0.0, 0, {}, {}
-                for i, (index, piece, batch, weight) in enumerate(group):
-                    torch.manual_seed(distributed.derived_seed(config.seed, epoch, position + index, piece))
-                    with distributed.micro_batch(accelerator, module, last=i == len(group) - 1):
+    with stopping.handling_signals():
+        try:
+            while step < total:
+                batches = plan(epoch)
+                while len(batches) - position >= world and step < total:
+                    consumed = batches[position:position + span]
+                    group = [(index, piece, batch, 1.0) for index in range(rank, len(consumed), world)
+                             for piece, batch in enumerate(_micro_batches(collate(consumed[index])))]
+                    if lockstep:  # as many passes as the busiest process: the extra ones repeat a batch, weighted 0
+                        busiest = max(distributed.gather_objects(len(group)))
+                        group += [(*group[0][:3], 0.0)] * (busiest - len(group))
+                    if prepare_step is not None:
                         with autocast():
-                            loss_sum, metrics = step_fn(module, to_device(batch, device))
-                        # gradients are averaged over processes, so each contributes world x its share
-                        accelerator.backward(loss_sum * (weight * world / n_items))
-                    loss_total += weight * float(loss_sum.detach())
-                    n_tokens += weight * batch["n_tokens"]
-                    for key, metric in metrics.items():  # per-item means, weighted by the micro-batch's items
-                        metric_sum, metric_count = metric_parts(metric, batch["n_items"])
-                        sums[key] = sums.get(key, 0.0) + weight * metric_sum
-                        counts[key] = counts.get(key, 0.0) + weight * metric_count
-                keys = sorted(sums)
-                reduced = distributed.all_sum_floats([loss_total, n_tokens] + [sums[k] for k in keys]
-                                                     + [counts[k] for k in keys])
-                if not math.isfinite(reduced[0]):  # seen by every process, so none waits in a collective
-                    good = run.latest_checkpoint()
-                    raise TrainingError(
-                        f"the loss became {reduced[0]} at step {step + 1} (epoch {epoch}); stopped. "
-                        f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
-                        "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
-                step_loss = reduced[0] / n_items
-                # (a metric no item of the step had, such as a mean over an empty subset, is left out)
-                sums = {k: v / c for k, v, c in zip(keys, reduced[2:2 + len(keys)], reduced[2 + len(keys):]) if c}
-                grad_norm = None
-                if config.max_grad_norm:  # (DeepSpeed has clipped in its step and reports the norm)
-                    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    grad_norm = float(norm) if norm is not None else None
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, position = step + 1, position + len(consumed)
-                last_loss = step_loss
+                            prepare_step(module, [(b, w) for _, _, b, w in group], device)
+                    # the loss is a mean over every item of the step, on all processes together
+                    n_items = distributed.all_sum_floats([sum(b["n_items"] * w for _, _, b, w in group)])[0] or 1
+                    loss_total, n_tokens, sums, counts = 0.0, 0, {}, {}
+                    for i, (index, piece, batch, weight) in enumerate(group):
+                        torch.manual_seed(distributed.derived_seed(config.seed, epoch, position + index, piece))
+                        with distributed.micro_batch(accelerator, module, last=i == len(group) - 1):
+                            with autocast():
+                                loss_sum, metrics = step_fn(module, to_device(batch, device))
+                            # gradients are averaged over processes, so each contributes world x its share
+                            accelerator.backward(loss_sum * (weight * world / n_items))
+                        pause.at("step")
+                        loss_total += weight * float(loss_sum.detach())
+                        n_tokens += weight * batch["n_tokens"]
+                        for key, metric in metrics.items():  # per-item means, weighted by the micro-batch's items
+                            metric_sum, metric_count = metric_parts(metric, batch["n_items"])
+                            sums[key] = sums.get(key, 0.0) + weight * metric_sum
+                            counts[key] = counts.get(key, 0.0) + weight * metric_count
+                    keys = sorted(sums)
+                    reduced = distributed.all_sum_floats([loss_total, n_tokens] + [sums[k] for k in keys]
+                                                         + [counts[k] for k in keys])
+                    if not math.isfinite(reduced[0]):  # seen by every process, so none waits in a collective
+                        good = run.latest_checkpoint()
+                        raise TrainingError(
+                            f"the loss became {reduced[0]} at step {step + 1} (epoch {epoch}); stopped. "
+                            f"Last good checkpoint: {good or 'none'}. Try a lower learning rate "
+                            "(--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")
+                    step_loss = reduced[0] / n_items
+                    # (a metric no item of the step had, such as a mean over an empty subset, is left out)
+                    sums = {k: v / c for k, v, c in zip(keys, reduced[2:2 + len(keys)], reduced[2 + len(keys):]) if c}
+                    grad_norm = None
+                    if config.max_grad_norm:  # (DeepSpeed has clipped in its step and reports the norm)
+                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        grad_norm = float(norm) if norm is not None else None
+                        check_grad_norm(grad_norm, step + 1, run)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    pause.at("optimizer")
+                    step, position = step + 1, position + len(consumed)
+                    last_loss = step_loss
 
-                window_tokens += int(reduced[1])
-                for key, value in {"loss": step_loss, **sums,
-                                   **({"grad_norm": grad_norm} if grad_norm is not None else {})}.items():
-                    window[key] = window.get(key, 0.0) + value
-                    window_counts[key] = window_counts.get(key, 0) + 1
-                elapsed = time.time() - window_start
-                tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                progress.update(step, loss=step_loss, tok_s=tokens_per_s)
-                if step % config.log_every == 0 or step == total:
-                    record = {"step": step, "epoch": round(epoch + position / len(batches), 4),
-                              **{k: v / window_counts[k] for k, v in window.items()},
-                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
-                              "elapsed_s": round(time.time() - started, 2)}
-                    if accelerator.is_main_process:
-                        _append_metrics(run, record)
-                    window, window_counts, window_tokens, window_start = {}, {}, 0, time.time()
-                if config.eval_every and step % config.eval_every == 0 and step < total:
-                    run_eval()
-                if config.save_every and step % config.save_every == 0:
-                    checkpoint_now()
-            if len(batches) - position < world:
-                epoch, position = epoch + 1, 0
-    except KeyboardInterrupt:
-        progress.close()
-        checkpoint_now()
-        distributed.log(f"\ninterrupted at step {step}: checkpoint saved in {run.checkpoints}; "
-            "run the same command with --resume to continue")
-        raise
+                    window_tokens += int(reduced[1])
+                    for key, value in {"loss": step_loss, **sums,
+                                       **({"grad_norm": grad_norm} if grad_norm is not None else {})}.items():
+                        window[key] = window.get(key, 0.0) + value
+                        window_counts[key] = window_counts.get(key, 0) + 1
+                    elapsed = time.time() - window_start
+                    tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                    progress.update(step, loss=step_loss, tok_s=tokens_per_s)
+                    if step % config.log_every == 0 or step == total:
+                        record = {"step": step, "epoch": round(epoch + position / len(batches), 4),
+                                  **{k: v / window_counts[k] for k, v in window.items()},
+                                  "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tokens_per_s, 1),
+                                  "elapsed_s": round(time.time() - started, 2)}
+                        if accelerator.is_main_process:
+                            _append_metrics(run, record)
+                        window, window_counts, window_tokens, window_start = {}, {}, 0, time.time()
+                    if config.eval_every and step % config.eval_every == 0 and step < total:
+                        run_eval()
+                    if config.save_every and step % config.save_every == 0:
+                        checkpoint_now()
+                        saved_at = step
+                    stopping.at_boundary(lambda: run.latest_checkpoint() if saved_at == step else checkpoint_now(),
+                                         step, progress)
+                if len(batches) - position < world:
+                    epoch, position = epoch + 1, 0
+        except stopping.Interrupted:
+            raise
+        except KeyboardInterrupt:  # a second signal: stop at once, mid-step, saving nothing
+            progress.close()
+            distributed.log(f"\nstopped at once during step {step + 1}; nothing was saved after the last "
+                            f"checkpoint ({run.latest_checkpoint() or 'none'})")
+            raise
     progress.close()
     if config.save_every and step % config.save_every:
         checkpoint_now()

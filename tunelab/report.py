@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunelab.checkpoint import atomic_write_text
+from tunelab.jsonlog import read_jsonl
 
 SKIPPED = {"step", "epoch", "elapsed_s", "updates"}
 # metrics shown in the summary table, when a run has them
@@ -18,7 +18,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a tunelab run directory?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)  # a torn last line (a run killed mid-write) is dropped with a warning
     return [r for r in records if r.get("split") != "eval"], [r for r in records if r.get("split") == "eval"]
 
 

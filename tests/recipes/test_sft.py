@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -13,9 +15,10 @@ from safetensors.torch import load_file
 import tunelab.checkpoint as checkpoint_module
 import tunelab.recipes.sft as sft_module
 from tests.helpers import instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
-from tunelab.checkpoint import RunDir
+from tunelab.checkpoint import RunDir, RunDirError
 from tunelab.cli import main
 from tunelab.loop import TrainingError, lr_factor
+from tunelab.stopping import Interrupted
 from tunelab.recipes.sft import run_sft
 
 
@@ -67,29 +70,32 @@ def test_grad_accumulation_matches_one_large_batch(world_dir, tmp_path):
     assert big_losses[2] < big_losses[0]
 
 
-def _interrupting_step(after_calls: int, error: type[BaseException]):
+def _signalling_step(at_call: int, signum: int):
+    """sft_step, sending this process `signum` in the middle of call number `at_call` (mid-step)."""
     calls = {"n": 0}
     real = sft_module.sft_step
 
     def step(module, batch):
         calls["n"] += 1
-        if calls["n"] > after_calls:
-            raise error("simulated stop")
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signum)
         return real(module, batch)
     return step
 
 
-def test_ctrl_c_saves_and_resume_ends_with_identical_weights(world_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_the_step_saves_and_resume_ends_with_identical_weights(world_dir, tmp_path, monkeypatch,
+                                                                                  signum):
     model_dir, data = world_dir
     # LoRA dropout makes the RNG state matter; one micro-batch per step, so 5 step calls are 5 steps
     train = dict(max_steps=8, lr=5e-3, save_every=0, micro_batch_tokens=None)
     run_sft(sft_config(model_dir, data, tmp_path / "straight", **train), quiet=True)
 
-    monkeypatch.setattr(sft_module, "sft_step", _interrupting_step(5, KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(sft_module, "sft_step", _signalling_step(5, signum))
+    with pytest.raises(Interrupted):
         run_sft(sft_config(model_dir, data, tmp_path / "resumed", **train), quiet=True)
     run = RunDir(tmp_path / "resumed")
-    assert run.latest_checkpoint().name == "step-5"
+    assert run.latest_checkpoint().name == "step-5"  # step 5 finished, then the stop
     assert not run.final.exists()  # nothing that looks complete
     monkeypatch.undo()
 
@@ -114,7 +120,8 @@ def test_crash_during_checkpoint_save_keeps_previous_checkpoint(world_dir, tmp_p
 
     config = sft_config(model_dir, data, tmp_path / "run", peft="none", max_steps=6, save_every=2, keep_last=5)
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunDirError, match=r"could not write checkpoint step-4 .*disk full \(simulated\).*"
+                                          r"last good checkpoint .*step-2 is intact"):
         run_sft(config, quiet=True)
     monkeypatch.undo()
     run = RunDir(tmp_path / "run")
@@ -213,7 +220,7 @@ def test_sft_help_documents_every_flag_and_config_key(capsys):
         main(["sft", "--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--data", "--output", "--config", "--max-steps", "--epochs", "--lr", "--batch-size",
-                 "--peft", "--resume", "key=value"):
+                 "--peft", "--resume", "--allow-changes", "key=value"):
         assert flag in text, flag
     for key in ("lora.r", "train.lr", "data.max_length", "data.train_on_prompt", "model.gradient_checkpointing"):
         assert key in text, key

@@ -10,13 +10,15 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tunelab import distributed
-from tunelab.checkpoint import RunDir, atomic_dir, atomic_write_text
+from tunelab import distributed, pause
+from tunelab.checkpoint import (RunDir, RunDirError, atomic_dir, atomic_write_text, main_writes, state_bytes,
+                                write_failure)
 from tunelab.config import RecipeConfig, config_to_yaml
 from tunelab.data.batching import epoch_batches, mixture_indices, pad_batch
 from tunelab.data.dataset import Item, TokenizedData
 from tunelab.data.templates import Rendered
 from tunelab.distributed import log
+from tunelab.runconfig import check_resume_config
 from tunelab.modeling import (activation_bytes_per_token, apply_peft, check_quantization_possible, count_parameters,
                               load_tokenizer, save_pretrained)
 
@@ -30,11 +32,16 @@ def absolute_if_local(name_or_path: str) -> str:
 def start_run(config: BaseModel, output: str, *, resume: bool, overwrite: bool, header: str = "") -> RunDir:
     """Prepare the run directory and write the fully resolved config.yaml (with `header` as a comment)."""
     run = RunDir(output)
-    distributed.wait()  # every process has checked the directory before it changes
-    if distributed.is_main():  # with several processes, one owns the directory
+
+    def write() -> None:
         run.prepare(resume=resume, overwrite=overwrite)
-        atomic_write_text(run.config, (f"# {header}\n" if header else "") + config_to_yaml(config))
-    distributed.wait()
+        try:
+            atomic_write_text(run.config, (f"# {header}\n" if header else "") + config_to_yaml(config))
+        except OSError as exc:
+            raise RunDirError(f"cannot write {run.config}: {exc.strerror or exc}") from None
+
+    distributed.wait()  # every process has checked the directory before it changes
+    main_writes(write)  # with several processes, one owns the directory
     return run
 
 
@@ -50,12 +57,14 @@ class Prepared(Generic[Item]):
 
 def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
                    prepare_data: Callable[[object], TokenizedData[Item]],
-                   load_model: Callable[[object], nn.Module], task_type: str) -> Prepared[Item]:
+                   load_model: Callable[[object], nn.Module], task_type: str,
+                   allow_changes: bool = False) -> Prepared[Item]:
     """Validate everything that can fail on bad input, then create the run directory.
 
     Order matters: the output directory is checked first and only created once the model and data
     have loaded, so a typo never leaves a half-made run behind. The process group is formed first, so
-    every later step (device placement, QLoRA loading) knows its process.
+    every later step (device placement, QLoRA loading) knows its process. On resume the saved config is
+    compared with this one first (see `tunelab.runconfig`; `allow_changes` lets any change through).
     """
     state = distributed.state()
     if state.num_processes > 1:
@@ -64,6 +73,10 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     if config.peft == "qlora":
         check_quantization_possible()
     config.model.name_or_path = absolute_if_local(config.model.name_or_path)
+    if resume:
+        run_dir = RunDir(config.output)
+        if run_dir.config.is_file():
+            check_resume_config(run_dir.config.read_text(), config_to_yaml(config), allow_changes, say=log)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(tokenizer)
     for line in data.summary_lines():
@@ -160,8 +173,30 @@ def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -
     in gathering its parameters, and the main process writes.
     """
     state = distributed.whole_state_dict(whole, model) if whole is not None else None
-    if distributed.is_main():
-        with atomic_dir(run.final) as tmp:
-            save_pretrained(model, tokenizer, tmp, state_dict=state)
-    distributed.wait()
+    check_final_weights(run, model, state)
+
+    def write() -> None:
+        good = run.latest_checkpoint()
+        try:
+            with atomic_dir(run.final, manifest=True) as tmp:
+                save_pretrained(model, tokenizer, tmp, state_dict=state)
+                pause.at("final")
+        except OSError as exc:
+            needed = state_bytes(state if state is not None else model.state_dict())
+            raise write_failure("final/", run.path, exc, needed, good) from exc
+
+    main_writes(write)
     return run.final
+
+
+def check_final_weights(run: RunDir, model: nn.Module, state: dict | None) -> None:
+    """Refuse to write final/ from weights that hold NaN or infinity (the last steps diverged)."""
+    from tunelab.loop import TrainingError, nonfinite_name
+
+    tensors = state.items() if state is not None else model.named_parameters()
+    bad = nonfinite_name(tensors) if distributed.is_main() else None
+    if distributed.all_sum_floats([float(bad is not None)])[0]:
+        good = run.latest_checkpoint()
+        raise TrainingError(f"the trained weights hold NaN or infinity ({bad or 'on another process'}); final/ "
+                            f"was not written. Last good checkpoint: {good or 'none'}. Try a lower learning "
+                            "rate (--lr), gradient clipping (train.max_grad_norm) or fp32 precision.")

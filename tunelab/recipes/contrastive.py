@@ -30,6 +30,7 @@ from tunelab.embed import (EmbeddingModule, check_pad_token, embed_ids, load_enc
 from tunelab.loop import TrainResult, _append_metrics
 from tunelab.losses import info_nce_loss
 from tunelab.recipes.common import log, prepare_recipe, train_recipe
+from tunelab.runlock import releasing
 
 ROLES = ("anchor", "positive", "negative")
 
@@ -179,7 +180,9 @@ def write_embedding_final(run, model, tokenizer, config: ContrastiveConfig, pool
     return run.final
 
 
+@releasing
 def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrite: bool = False,
+                    allow_changes: bool = False,
                     quiet: bool = False) -> ContrastiveResult:
     """Train an embedding model with InfoNCE and write `final/` into `config.output`."""
     config.train.micro_batch_tokens = None  # in-batch negatives need the whole batch in one pass
@@ -196,7 +199,8 @@ def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrit
         chosen["pooling"] = resolve_pooling(section.pooling, config.model.name_or_path, tokenizer)
         return prepare_pair_data(config.data, tokenizer, seed=config.train.seed)
 
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="FEATURE_EXTRACTION",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="FEATURE_EXTRACTION",
                               prepare_data=prepare_data,
                               load_model=lambda tok: load_encoder_body(config.model, config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model

@@ -30,6 +30,7 @@ from tunelab.losses import dpo_loss, orpo_loss, simpo_loss
 from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
+from tunelab.runlock import releasing
 
 RefFn = Callable[[dict], torch.Tensor]
 
@@ -142,11 +143,14 @@ def check_reference_free(config: DPOConfig) -> None:
                           "response's NLL (weight 1); the odds-ratio term's weight is dpo.beta")
 
 
-def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> DPOResult:
+@releasing
+def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
+            allow_changes: bool = False, quiet: bool = False) -> DPOResult:
     """Optimize a policy on preference pairs and write `final/` into `config.output`."""
     check_reference_free(config)
     config.dpo.beta = config.dpo.resolved_beta()  # config.yaml records the value in force
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model

@@ -36,6 +36,7 @@ from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_
 from tunelab.recipes.ppo import PolicyWithValueHead
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
+from tunelab.runlock import releasing
 
 
 GroupRLResult = OnlineResult
@@ -157,7 +158,8 @@ def group_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: dic
     return stats | {"response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
 
 
-def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = False,
+@releasing
+def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
                  quiet: bool = False) -> GroupRLResult:
     """Run GRPO or RLOO iterations (train.max_steps of them) and write `final/` (the policy).
 
@@ -175,7 +177,8 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
                             f"{rl.num_generations})")
     reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size,
                                device=distributed.state().device)
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     use_ref = rl.kl != "off" and rl.kl_coef > 0
@@ -214,9 +217,10 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
 
     history = loop.run(step)
     final = loop.finish()
-    if history:
-        last = history[-1]
-        log(f"{name} done: {loop.iteration} iterations; score {history[0]['score_mean']:.3f} -> "
+    records = loop.records()  # the whole run's, also those logged before a resume
+    if records:
+        last = records[-1]
+        log(f"{name} done: {loop.iteration} iterations; score {records[0]['score_mean']:.3f} -> "
             f"{last['score_mean']:.3f}" + (f", KL to reference {last['kl']:.3f}" if "kl" in last else "")
             + f"; policy in {final}")
     return GroupRLResult(prepared.run.path, final, loop.iteration, history)

@@ -31,6 +31,7 @@ from tunelab.losses import kto_loss, kto_reference_point
 from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.recipes.dpo import RefFn, reference_fn
+from tunelab.runlock import releasing
 
 
 @dataclass
@@ -110,9 +111,12 @@ def kto_reference(policy: nn.Module, ref_model: nn.Module | None, chunk: int) ->
     return gathered_reference
 
 
-def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> KTOResult:
+@releasing
+def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
+            allow_changes: bool = False, quiet: bool = False) -> KTOResult:
     """Optimize a policy on desirable/undesirable feedback and write `final/` into `config.output`."""
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_feedback_data(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model

@@ -9,7 +9,6 @@ the sampling, scoring and learning of one iteration and returns what to log.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -20,15 +19,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tunelab import distributed, precision
-from tunelab.checkpoint import load_checkpoint, save_checkpoint, trim_jsonl
+from tunelab import distributed, pause, precision, stopping
+from tunelab.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from tunelab.config import ModelConfig
 from tunelab.data.dataset import prepare_data
 from tunelab.data.formats import Example
 from tunelab.data.templates import prompt_text
 from tunelab.distributed import log
 from tunelab.logprobs import token_logprobs
-from tunelab.loop import Progress, TrainingError, build_optimizer, lr_factor
+from tunelab.jsonlog import read_jsonl, trim_jsonl
+from tunelab.loop import (Progress, TrainingError, append_log, build_optimizer, check_grad_norm, check_weights,
+                          lr_factor)
 from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import Prepared, batch_plan, micro_batch_budget, split_by_tokens, write_final
 from tunelab.report import report_at_end
@@ -205,7 +206,7 @@ class OnlineLoop:
         self.iteration, self.epoch, self.position = 0, 0, 0
         run = prepared.run
         if resume:
-            saved = load_checkpoint(run.latest_checkpoint(), self.raw, self.optimizer, self.scheduler,
+            saved = load_checkpoint(checkpoint_to_resume(run), self.raw, self.optimizer, self.scheduler,
                                     engine=self.module if self.deepspeed else None)
             self.iteration, self.epoch, self.position = saved["step"], saved["epoch"], saved["position"]
             restore(saved)
@@ -243,50 +244,68 @@ class OnlineLoop:
     def optimizer_step(self) -> None:
         """Clip, step, advance the schedule, clear the gradients."""
         if self.config.train.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+            check_grad_norm(float(norm) if norm is not None else None, self.iteration + 1, self.prepared.run,
+                            "iteration")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        pause.at("optimizer")
 
-    def checkpoint(self) -> None:
-        save_checkpoint(self.prepared.run, self.iteration, self.raw, self.optimizer, self.scheduler,
+    def checkpoint(self):
+        check_weights(self.raw, self.iteration, self.prepared.run, "iteration")
+        return save_checkpoint(self.prepared.run, self.iteration, self.raw, self.optimizer, self.scheduler,
                         {"epoch": self.epoch, "position": self.position, **self.state()},
                         self.config.train.keep_last, engine=self.module if self.deepspeed else None)
 
     def run(self, step: Callable[[list[str]], Step]) -> list[dict]:
         """Iterate to `train.max_steps`; returns the records of the iterations run here."""
-        train, run, data = self.config.train, self.prepared.run, self.prepared.data
+        train, run = self.config.train, self.prepared.run
         history: list[dict] = []
-        try:
-            while self.iteration < self.iterations:
-                batches = self.plan(self.epoch)
-                if self.position >= len(batches):
-                    self.epoch, self.position = self.epoch + 1, 0
-                    continue
-                share = len(batches[self.position]) // self.world  # a short last batch is shared evenly too
-                prompts = [data.train[i] for i in batches[self.position][self.rank * share:(self.rank + 1) * share]]
-                started = time.time()
-                done = step(prompts)
-                self.iteration, self.position = self.iteration + 1, self.position + 1
-                record = {"step": self.iteration, **done.record, "lr": self.scheduler.get_last_lr()[0],
-                          "iteration_s": round(time.time() - started, 3)}
-                history.append(record)
-                if self.accelerator.is_main_process:
-                    with run.metrics.open("a") as handle:
-                        handle.write(json.dumps(record) + "\n")
-                    if self.sample_every and (self.iteration % self.sample_every == 0 or self.iteration == 1):
-                        self._log_samples(done.rollout, done.scores)
-                self.progress.update(self.iteration, score=record["score_mean"], kl=record.get("kl", 0.0))
-                if train.save_every and self.iteration % train.save_every == 0:
-                    self.checkpoint()
-        except KeyboardInterrupt:
-            self.progress.close()
-            self.checkpoint()
-            log(f"\ninterrupted at iteration {self.iteration}: checkpoint saved in {run.checkpoints}; rerun with "
-                "--resume")
-            raise
+        with stopping.handling_signals():
+            try:
+                while self.iteration < self.iterations:
+                    batches = self.plan(self.epoch)
+                    if self.position >= len(batches):
+                        self.epoch, self.position = self.epoch + 1, 0
+                        continue
+                    history.append(self._iterate(step, batches[self.position]))
+                    saved = train.save_every and self.iteration % train.save_every == 0
+                    if saved:
+                        self.checkpoint()
+                    stopping.at_boundary(lambda: run.latest_checkpoint() if saved else self.checkpoint(),
+                                         self.iteration, self.progress, "iteration")
+            except stopping.Interrupted:
+                raise
+            except KeyboardInterrupt:  # a second signal: stop at once, mid-iteration, saving nothing
+                self.progress.close()
+                log(f"\nstopped at once during iteration {self.iteration + 1}; nothing was saved after the last "
+                    f"checkpoint ({run.latest_checkpoint() or 'none'})")
+                raise
         self.progress.close()
         return history
+
+    def records(self) -> list[dict]:
+        """The iteration records of metrics.jsonl: the whole run, also what was logged before a resume."""
+        return [r for r in read_jsonl(self.prepared.run.metrics, warn=False) if "score_mean" in r] \
+            if self.prepared.run.metrics.is_file() else []
+
+    def _iterate(self, step: Callable[[list[str]], Step], batch: list[int]) -> dict:
+        """One iteration on the prompts of `batch` (this process's share); logs and returns its record."""
+        run, data = self.prepared.run, self.prepared.data
+        share = len(batch) // self.world  # a short last batch is shared evenly too
+        prompts = [data.train[i] for i in batch[self.rank * share:(self.rank + 1) * share]]
+        started = time.time()
+        done = step(prompts)
+        self.iteration, self.position = self.iteration + 1, self.position + 1
+        record = {"step": self.iteration, **done.record, "lr": self.scheduler.get_last_lr()[0],
+                  "iteration_s": round(time.time() - started, 3)}
+        if self.accelerator.is_main_process:
+            append_log(run, run.metrics, record)
+            if self.sample_every and (self.iteration % self.sample_every == 0 or self.iteration == 1):
+                self._log_samples(done.rollout, done.scores)
+        self.progress.update(self.iteration, score=record["score_mean"], kl=record.get("kl", 0.0))
+        return record
 
     def finish(self):
         """Write final/ (the policy) and the report; returns final/'s path."""
@@ -297,9 +316,9 @@ class OnlineLoop:
 
     def _log_samples(self, rollout: Rollout, scores: torch.Tensor, n: int = 3) -> None:
         """A few prompt/response/score samples to the log and to samples.jsonl."""
-        with (self.prepared.run.path / "samples.jsonl").open("a") as handle:
-            for prompt, response, score in list(zip(rollout.prompts, rollout.responses, scores.tolist()))[:n]:
-                handle.write(json.dumps({"step": self.iteration, "prompt": prompt, "response": response,
-                                         "score": score}) + "\n")
-                self.progress.write(f"[iteration {self.iteration}] score {score:+.3f} | {prompt[-60:]!r} -> "
-                                    f"{response[:100]!r}")
+        for prompt, response, score in list(zip(rollout.prompts, rollout.responses, scores.tolist()))[:n]:
+            append_log(self.prepared.run, self.prepared.run.path / "samples.jsonl",
+                       {"step": self.iteration, "prompt": prompt, "response": response, "score": score},
+                       pause_point=None)
+            self.progress.write(f"[iteration {self.iteration}] score {score:+.3f} | {prompt[-60:]!r} -> "
+                                f"{response[:100]!r}")

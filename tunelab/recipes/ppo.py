@@ -36,6 +36,7 @@ from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_
                                     shape_scores, take_rows)
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
+from tunelab.runlock import releasing
 
 
 class PolicyWithValueHead(nn.Module):
@@ -127,7 +128,9 @@ def rollout_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: d
             "response_length": float(rows[:, 2].mean()), "eos_rate": float(rows[:, 3].mean())}
 
 
-def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> PPOResult:
+@releasing
+def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
+            allow_changes: bool = False, quiet: bool = False) -> PPOResult:
     """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`.
 
     With N processes each iteration's prompts are shared out (`train.batch_size` is the total), each
@@ -140,7 +143,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
                       ppo__minibatch_size=config.ppo.minibatch_size)
     reward_fn = load_reward_fn(config.reward.source, config.reward.label, config.reward.batch_size,
                                device=distributed.state().device)
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     policy = prepared.model
@@ -186,9 +190,10 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
 
     history = loop.run(step)
     final = loop.finish()
-    if history:
-        last = history[-1]
-        log(f"ppo done: {loop.iteration} iterations; score {history[0]['score_mean']:.3f} -> "
+    records = loop.records()  # the whole run's, also those logged before a resume
+    if records:
+        last = records[-1]
+        log(f"ppo done: {loop.iteration} iterations; score {records[0]['score_mean']:.3f} -> "
             f"{last['score_mean']:.3f}, KL to reference {last['kl']:.3f}; policy in {final}")
     return PPOResult(prepared.run.path, final, loop.iteration, history)
 

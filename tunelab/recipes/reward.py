@@ -21,6 +21,7 @@ from tunelab.losses import bradley_terry_loss
 from tunelab.modeling import load_reward_model
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.rewards import RewardModule
+from tunelab.runlock import releasing
 
 
 @dataclass
@@ -53,10 +54,12 @@ def reward_step(center_coef: float, use_margin: bool):
     return step
 
 
-def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> RMResult:
+@releasing
+def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False,
+           allow_changes: bool = False, quiet: bool = False) -> RMResult:
     """Train a reward model and write `final/` (model or adapter + head, and tokenizer) into `config.output`."""
     prepared = prepare_recipe(
-        config, resume=resume, overwrite=overwrite, task_type="SEQ_CLS",
+        config, resume=resume, overwrite=overwrite, allow_changes=allow_changes, task_type="SEQ_CLS",
         prepare_data=lambda tok: prepare_preference_data(config.data, tok, seed=config.train.seed),
         load_model=lambda tok: load_reward_model(config.model, tok.pad_token_id,
                                                   config.quantization_in_force()))

@@ -19,6 +19,7 @@ from tunelab.loop import TrainResult
 from tunelab.losses import sft_loss
 from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import collate_rendered, log, prepare_recipe, train_recipe, write_final
+from tunelab.runlock import releasing
 
 
 @dataclass
@@ -36,9 +37,12 @@ def sft_step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str,
     return loss_sum, {}
 
 
-def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> SFTResult:
+@releasing
+def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
+            allow_changes: bool = False, quiet: bool = False) -> SFTResult:
     """Train a causal LM with supervised fine-tuning and write `final/` into `config.output`."""
-    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite, task_type="CAUSAL_LM",
+    prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
+                              allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_sft_data(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
@@ -51,6 +55,7 @@ def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
                           length=lambda row: len(row.ids), desc="sft", resume=resume, quiet=quiet)
     final = write_final(prepared.run, model, tokenizer, whole=result.module)
     eval_loss = result.eval_metrics.get("loss")
-    log(f"sft done: {result.steps} steps in {result.seconds:.1f}s, last train loss {result.train_loss:.4f}"
+    train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "not logged"
+    log(f"sft done: {result.steps} steps in {result.seconds:.1f}s, last train loss {train_loss}"
         + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "") + f"; model in {final}")
     return SFTResult(prepared.run.path, final, result, data)
