@@ -565,7 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     allocator.tune()
     try:
-        return args.func(args)
+        status = args.func(args)
+        if status == 0:
+            from tunelab import distributed
+
+            distributed.finish()
+        return status
     except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
             FileNotFoundError, ValueError) as exc:
         print(f"tunelab {args.command}: error: {exc}", file=sys.stderr)

@@ -128,6 +128,17 @@ def wait() -> None:
     state().wait_for_everyone()
 
 
+def finish() -> None:
+    """End a command that succeeded on several processes: every process waits for the others, then the
+    process group is taken down, so no process exits while a peer still holds a connection to it (a gloo
+    worker torn down that way can abort its process at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def derived_seed(*parts: object) -> int:
     """A seed that depends only on `parts` (e.g. seed, epoch, batch position), not on the process or history."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
