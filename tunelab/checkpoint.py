@@ -52,16 +52,25 @@ def atomic_dir(target: Path):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file through a temporary name and rename it into place."""
+    """Write a file through a temporary name and rename it into place; a failure leaves neither behind and
+    raises OutputError naming `path` (a full disk, a read-only folder, ...)."""
+    from tunelab.safety import output_error
+
+    path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise output_error(path, exc) from exc
 
 
 def write_output(text: str, output: str | None) -> None:
     """Write `text` whole to the file `output` (atomically, creating folders), or to stdout without one."""
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(output), text)
     else:
         sys.stdout.write(text)

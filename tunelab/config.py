@@ -22,9 +22,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are rejected, assignments are validated."""
+    """Base of every config section: unknown keys and non-finite numbers are rejected, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)  # an infinite lr or NaN coefficient is never meant
 
 
 Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "preference", "prompt"]
