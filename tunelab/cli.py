@@ -9,6 +9,7 @@ and `key=value` overrides reach every field of the config (see each verb's --hel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -114,11 +115,28 @@ def _recipe_command(cls, module: str, function: str):
         from tunelab.distributed import is_main
 
         run = getattr(importlib.import_module(module), function)
-        result = run(_recipe_config(cls, args), resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        config = _recipe_config(cls, args)
+        try:
+            result = run(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        except BaseException:
+            if not args.resume and is_main():
+                remove_unstarted_run(Path(config.output))
+            raise
         if is_main():
             print(result.final_dir)
         return 0
     return command
+
+
+def remove_unstarted_run(folder: Path) -> None:
+    """Remove the config.yaml of a run that failed before its first step (nothing else written), so that the
+    corrected command starts without --overwrite; the folder goes too when that leaves it empty."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if [p.name for p in entries] != ["config.yaml"]:
+        return
+    entries[0].unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")

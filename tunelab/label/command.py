@@ -49,12 +49,13 @@ def run_label(args, options=None) -> int:
         return 0
     _check(args)
     require_web()
+    from tunelab.data.load import read_text
     from tunelab.label.items import load_candidates, load_prompt_items
     from tunelab.label.server import LOOPBACK_NAMES, create_app, default_guidelines, serve
     from tunelab.label.session import LabelSession
     from tunelab.label.store import LabelFile
 
-    guidelines = Path(args.guidelines).read_text(encoding="utf-8") if args.guidelines else default_guidelines()
+    guidelines = read_text(Path(args.guidelines)) if args.guidelines else default_guidelines()
     models = []
     if args.candidates:
         only = [item.prompt for item in load_prompt_items(args.prompts, [None])] if args.prompts else None
