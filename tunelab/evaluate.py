@@ -17,6 +17,7 @@ from torch import nn
 from tunelab.data.batching import pad_batch
 from tunelab.data.templates import Rendered
 from tunelab.logprobs import hidden_states, token_logprobs, trunk_and_head
+from tunelab.safety import markdown_text
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -187,8 +188,8 @@ def markdown_table(results: dict[str, dict]) -> str:
     columns = []
     for metrics in results.values():
         columns += [k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in columns]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| model | " + " | ".join(markdown_text(c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in results.items():
         cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

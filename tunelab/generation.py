@@ -14,6 +14,7 @@ from tunelab.data.load import DataError, load_rows
 from tunelab.data.templates import prompt_text, render_chat, require_chat_template
 from tunelab.modeling import load_for_inference
 from tunelab.rollout import generate
+from tunelab.safety import terminal_safe
 
 
 @dataclass
@@ -93,7 +94,7 @@ def chat_loop(model_path: str, options: GenerationOptions, system: str | None = 
 
     class Stream(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            stdout.write(text + ("\n" if stream_end else ""))
+            stdout.write(terminal_safe(text) + ("\n" if stream_end else ""))
             stdout.flush()
 
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -119,7 +120,7 @@ def chat_loop(model_path: str, options: GenerationOptions, system: str | None = 
         reply = generate(model, tokenizer, [render_chat(tokenizer, template, history, True)], streamer=streamer,
                          **{k: v for k, v in asdict(options).items() if k != "batch_size"})[0]
         if streamer is None:
-            stdout.write(reply + "\n")
+            stdout.write(terminal_safe(reply) + "\n")
         history.append({"role": "assistant", "content": reply})
         turns += 1
     return turns

@@ -34,17 +34,18 @@ def terminal_safe(text: str) -> str:
 def safe_filename(name: str, limit: int = 120) -> str:
     """A file name for `name` that stays inside its folder: no separators, no `..`, no control characters.
 
-    Characters other than letters, digits, `-`, `_`, `.` and `+` become `_`; a name that is empty or only
-    dots becomes `_`.
+    Characters other than letters, digits, `-`, `_`, `.` and `+` become `_`, and so do leading dots (no hidden
+    files, no `..`); an empty name becomes `_`.
     """
     cleaned = re.sub(r"[^\w.+-]", "_", str(name), flags=re.ASCII)[:limit]
-    return cleaned if cleaned.strip(".") else "_" * max(1, len(cleaned))
+    stripped = cleaned.lstrip(".")
+    return "_" * (len(cleaned) - len(stripped)) + stripped or "_"
 
 
 def markdown_text(text: str) -> str:
     """`text` for a Markdown table cell or heading: HTML escaped, Markdown syntax and line breaks neutralised."""
     text = html.escape(terminal_safe(text), quote=True)
-    text = re.sub(r"([\\`*_{}\[\]()#+!|~<>])", r"\\\1", text)
+    text = re.sub(r"([\\`*_{}\[\]()#+!|~<>$])", r"\\\1", text)
     return " ".join(text.split())
 
 

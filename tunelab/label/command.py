@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tunelab.label import LabelError, require_web
+from tunelab.safety import terminal_safe
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -45,7 +46,7 @@ def run_label(args, options=None) -> int:
 
         if not Path(args.stats).is_file():
             raise LabelError(f"labels file not found: {args.stats}")
-        print(format_stats(label_stats(args.stats)))
+        print(terminal_safe(format_stats(label_stats(args.stats))))
         return 0
     _check(args)
     require_web()
