@@ -498,8 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--guidelines", help="Markdown file shown before labeling (default: a short built-in text)")
     lab.add_argument("--labeler", help="labeler name written with each label (default: the login name); each "
                      "labeler can change it on the page")
-    lab.add_argument("--overlap", type=_count(0), default=0, metavar="K", help="ask K of the prompts (drawn by --seed) "
-                     "of two different labelers each, to measure agreement (default 0)")
+    lab.add_argument("--overlap", type=int, default=0, metavar="K", help="ask K of the prompts (drawn by --seed) "
+                     "of two different labelers each, to measure agreement (default 0)")  # checked by label
     lab.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                      "machine only)")
     lab.add_argument("--port", type=_count(0, 65535), default=8765, help="port to listen on (default 8765; 0: any free port)")
@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", help="model (or tokenizer) directory or hub name whose tokenizer renders the rows")
     ins.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]", help="data source(s)")
     ins.add_argument("--config", help="YAML config (its data and model keys are used)")
-    ins.add_argument("--n", type=_count(1), default=3, help="rows to render (default 3)")
+    ins.add_argument("--n", type=_count(0), default=3, help="rows to render (default 3)")
     ins.add_argument("--no-color", action="store_true", help="mark trained tokens with [[...]] even on a terminal")
     ins.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=256")
     ins.set_defaults(func=cmd_inspect)
