@@ -197,6 +197,29 @@ def test_disk_errors_writing_results_name_the_file(code, reason, tiny_dir, rewar
     assert not [p for p in (tmp_path / "out").iterdir()]  # no result, no temporary file left
 
 
+def test_a_full_disk_writing_embeddings_names_the_file(tiny_dir, tmp_path, monkeypatch, capsys):
+    real = pathlib.Path.open
+
+    def full_open(self, *args, **kwargs):
+        if self.name.startswith(".tmp-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, *args, **kwargs)
+
+    texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "a film"}, {"text": "a book"}])
+    monkeypatch.setattr(pathlib.Path, "open", full_open)
+    out = tmp_path / "e.npy"
+    fails(["embed", "--model", str(tiny_dir), "--data", str(texts), "--output", str(out)], capsys,
+          f"tunelab embed: error: cannot write {out}: the disk is full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+
+
+def test_eval_limit_below_one_is_refused_from_python_too(tiny_dir, prompts):
+    from tunelab.evaluate import run_eval
+
+    with pytest.raises(ValueError, match="limit must be 1 or more"):
+        run_eval(str(tiny_dir), str(prompts), limit=-2)
+
+
 def test_eval_outputs_go_where_named_and_never_onto_each_other(tiny_dir, prompts, tmp_path, capsys):
     for name in ("r.md", "r.json", "r", "r.generations.jsonl"):
         paths = eval_output_paths(str(tmp_path / name))
@@ -290,6 +313,12 @@ def test_misbehaving_reward_callables_are_named(name, expected):
 
 # ---------------------------------------------------------------------------------------------
 # Data files
+
+
+def test_invalid_utf8_prompts_end_in_one_line(tiny_dir, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
+    fails(["generate", "--model", str(tiny_dir), "--prompts", str(tmp_path / "p.jsonl")], capsys,
+          f"tunelab generate: error: {tmp_path / 'p.jsonl'} line 2: not UTF-8 text")
 
 
 @pytest.mark.parametrize("name, content, where", [

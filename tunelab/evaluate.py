@@ -149,6 +149,8 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
     from tunelab.rewards import RewardScorer
     from tunelab.rollout import generate
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be 1 or more (rows to evaluate), got {limit}")
     options = options or GenerationOptions()
     gen_kwargs = asdict(options)
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
