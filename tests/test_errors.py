@@ -404,3 +404,34 @@ def test_eval_table_escapes_model_names():
 
     table = markdown_table({"evil|<script>": {"n": 2, "bleu": 1.5}})
     assert table.splitlines()[2] == "| evil\\|&lt;script&gt; | 2 | 1.5 |"
+
+
+def test_chat_replies_are_shown_without_their_control_characters(tiny_dir, monkeypatch):
+    import io
+
+    import tunelab.generation
+    from tunelab.generation import GenerationOptions, chat_loop
+
+    monkeypatch.setattr(tunelab.generation, "generate", lambda *a, **k: ["\x1b[2J\x1b]0;title\x07hi\rthere"])
+    stdout = io.StringIO()
+    chat_loop(str(tiny_dir), GenerationOptions(num_beams=2), stdin=io.StringIO("hello\n/exit\n"), stdout=stdout)
+    assert "model> hi\\x0dthere\n" in stdout.getvalue() and "\x1b" not in stdout.getvalue()
+
+
+def test_label_stats_show_hostile_labeler_names_escaped(tmp_path, capsys):
+    rows = [{"item": "i1", "prompt": "p", "chosen": "x", "rejected": "y", "chosen_source": "m\x1b[31m",
+             "rejected_source": "n", "choice": "A", "labeler": "\x1b]0;owned\x07eve\r",
+             "time": "2025-01-01T00:00:01.000Z"}]
+    write_jsonl(tmp_path / "prefs.jsonl", rows)
+    assert main(["label", "--stats", str(tmp_path / "prefs.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "eve\\x0d" in out and "\x1b" not in out and "\r" not in out
+
+
+def test_label_guidelines_render_raw_html_and_script_links_as_text():
+    pytest.importorskip("markdown_it")
+    from tunelab.label.server import render_guidelines
+
+    page = render_guidelines("<script>alert(1)</script>\n\n[click](javascript:alert(1)) <img src=x onerror=y>")
+    assert "<script" not in page and "<img" not in page and 'href="javascript' not in page
+    assert "&lt;script&gt;" in page
