@@ -168,6 +168,14 @@ def test_generate_output_naming_a_folder_is_refused_before_loading(tmp_path, cap
     fails(["eval", "--model", MISSING_MODEL, "--data", "p.jsonl", "--output", str(tmp_path)], capsys, "is a folder")
 
 
+def test_an_output_that_is_also_an_input_is_refused(prompts, capsys):
+    for argv in (["generate", "--prompts", str(prompts)], ["score", "--data", str(prompts)],
+                 ["eval", "--data", str(prompts)]):
+        fails([argv[0], "--model", MISSING_MODEL, *argv[1:], "--output", str(prompts)], capsys,
+              f"--output {prompts} is also an input of the command")
+    assert len(prompts.read_text().splitlines()) == 3
+
+
 def _failing_writes(monkeypatch, code: int) -> None:
     """Writes of tunelab's temporary files fail with OSError `code`, as on a full or read-only disk."""
     real = pathlib.Path.write_text

@@ -191,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.generation import generate_file
     from tunelab.safety import check_output_file
 
-    check_output_file(args.output)
+    check_output_file(args.output, inputs=(args.prompts,))
     count = generate_file(args.model, args.prompts, args.output, _generation_options(args))
     if args.output:
         print(f"generated {count} responses -> {args.output}", file=sys.stderr)
@@ -232,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     paths = eval_output_paths(args.output) if args.output else {}
     for path in paths.values():
-        check_output_file(path)
+        check_output_file(path, inputs=(args.data,))
     results = run_eval(args.model, args.data, reward=args.reward, compare=args.compare, reference=args.ref,
                        options=_generation_options(args), few_shot=args.few_shot, limit=args.limit)
     generations = results.pop("generations")
@@ -272,7 +272,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tunelab.safety import check_output_file
     from tunelab.scoring import score_file
 
-    check_output_file(args.output)
+    check_output_file(args.output, inputs=(args.data,))
     count = score_file(args.model, args.data, args.output, batch_size=args.batch_size)
     if args.output:
         print(f"scored {count} rows -> {args.output}", file=sys.stderr)

@@ -65,11 +65,16 @@ def output_error(path: str | Path, exc: OSError, what: str = "write") -> OutputE
     return OutputError(f"cannot {what} {path}: {os_error_reason(exc)}")
 
 
-def check_output_file(path: str | Path | None, flag: str = "--output") -> None:
-    """Refuse, before any work, an output file that names a folder or whose folder cannot be written."""
+def check_output_file(path: str | Path | None, flag: str = "--output", inputs: tuple = ()) -> None:
+    """Refuse, before any work, an output file that names a folder, one of the command's `inputs`, or a file
+    in a folder that cannot be written."""
     if not path:
         return
     path = Path(path)
+    for given in inputs:
+        if given and Path(given).exists() and path.resolve() == Path(given).resolve():
+            raise OutputError(f"{flag} {path} is also an input of the command; writing it would replace that "
+                              "input: choose another file")
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a folder; name a file to write")
     parent = _existing_parent(path)
