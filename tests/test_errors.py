@@ -323,10 +323,12 @@ def test_misbehaving_reward_callables_are_named(name, expected):
 # Data files
 
 
-def test_invalid_utf8_prompts_end_in_one_line(tiny_dir, tmp_path, capsys):
+def test_invalid_utf8_prompts_end_in_one_line_before_loading(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
-    fails(["generate", "--model", str(tiny_dir), "--prompts", str(tmp_path / "p.jsonl")], capsys,
-          f"tunelab generate: error: {tmp_path / 'p.jsonl'} line 2: not UTF-8 text")
+    for command in ("generate --prompts", "eval --data"):
+        name, flag = command.split()
+        fails([name, "--model", MISSING_MODEL, flag, str(tmp_path / "p.jsonl")], capsys,
+              f"tunelab {name}: error: {tmp_path / 'p.jsonl'} line 2: not UTF-8 text")
 
 
 @pytest.mark.parametrize("name, content, where", [

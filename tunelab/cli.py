@@ -163,11 +163,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    parser.add_argument("--temperature", type=_number(at_least=0), default=0.0, help="sampling temperature; 0 means greedy (default)")
+    parser.add_argument("--temperature", type=_number(at_least=0), default=0.0,
+                        help="sampling temperature; 0 means greedy (default)")
     parser.add_argument("--top-k", type=_count(0), default=0, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=_number(above=0, at_most=1), default=1.0, help="nucleus sampling probability mass (1: all)")
+    parser.add_argument("--top-p", type=_number(above=0, at_most=1), default=1.0,
+                        help="nucleus sampling probability mass (1: all)")
     parser.add_argument("--num-beams", type=_count(1), default=1, help="beam search width (1: no beam search)")
-    parser.add_argument("--repetition-penalty", type=_number(above=0), default=1.0, help="penalty on repeated tokens (1: none)")
+    parser.add_argument("--repetition-penalty", type=_number(above=0), default=1.0,
+                        help="penalty on repeated tokens (1: none)")
     parser.add_argument("--min-new-tokens", type=_count(0), default=0, help="shortest response in tokens")
     parser.add_argument("--max-new-tokens", type=_count(1), default=max_new_tokens,
                         help=f"longest response in tokens (default {max_new_tokens})")
@@ -502,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "of two different labelers each, to measure agreement (default 0)")  # checked by label
     lab.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                      "machine only)")
-    lab.add_argument("--port", type=_count(0, 65535), default=8765, help="port to listen on (default 8765; 0: any free port)")
+    lab.add_argument("--port", type=_count(0, 65535), default=8765,
+                     help="port to listen on (default 8765; 0: any free port)")
     lab.add_argument("--stats", metavar="PREFS", help="print the statistics of a labels file and exit")
     _add_generation_flags(lab)
     for action in lab._actions:  # each pair is generated as one batch of its own: --batch-size has no use here
@@ -531,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model",
                            description="Merge a LoRA adapter (a run directory or its final/) into its base model "
                            "and write a standalone Hugging Face model: safetensors weights, tokenizer and "
-                           "generation config, loadable with AutoModelFor*.from_pretrained. --output must lie outside the run, "
-                           "the adapter and its base model.")
+                           "generation config, loadable with AutoModelFor*.from_pretrained. --output must lie "
+                           "outside the run, the adapter and its base model.")
     merge.add_argument("adapter", help="run directory or adapter directory")
     merge.add_argument("--output", required=True, help="directory for the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace what --output holds even when it is not "

@@ -144,7 +144,7 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
     mean/std need `reward`; the win rate needs `reward` and a second model `compare`; KL needs a
     `reference` model. Returns flat metrics plus `generations` (prompt, response, reference).
     """
-    from tunelab.generation import GenerationOptions, prompt_rows, resolve_model_dir
+    from tunelab.generation import GenerationOptions, prompt_examples, prompt_rows, resolve_model_dir
     from tunelab.modeling import load_for_inference
     from tunelab.rewards import RewardScorer
     from tunelab.rollout import generate
@@ -153,8 +153,9 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
         raise ValueError(f"limit must be 1 or more (rows to evaluate), got {limit}")
     options = options or GenerationOptions()
     gen_kwargs = asdict(options)
+    examples = prompt_examples(data_path)[:limit]
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
-    rows = prompt_rows(data_path, tokenizer)[:limit]
+    rows = prompt_rows(examples, tokenizer)
     prompts = few_shot_prompts(rows, few_shot, options.seed or 0)
     responses = generate(model, tokenizer, prompts, **gen_kwargs)
     results: dict = {"n": len(rows)}

@@ -70,7 +70,8 @@ def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = Fal
                  f"({100 * stats['trained_fraction']:.1f}%)")
     marker = "green background" if color else "[[...]]"
     for rendered in (data.train + data.held_out)[:n]:
-        lines.append(f"\n--- {terminal_safe(rendered.where)} ({len(rendered.ids)} tokens, {rendered.trained_tokens} trained, "
+        where = terminal_safe(rendered.where)
+        lines.append(f"\n--- {where} ({len(rendered.ids)} tokens, {rendered.trained_tokens} trained, "
                      f"marked with {marker}) ---")
         lines.append(highlight(rendered, tokenizer, color))
     return "\n".join(lines)
