@@ -445,3 +445,29 @@ def test_label_guidelines_render_raw_html_and_script_links_as_text():
     page = render_guidelines("<script>alert(1)</script>\n\n[click](javascript:alert(1)) <img src=x onerror=y>")
     assert "<script" not in page and "<img" not in page and 'href="javascript' not in page
     assert "&lt;script&gt;" in page
+
+
+def test_a_reward_pipeline_on_a_model_without_a_classifier_head_is_refused(tiny_dir, reward_dir):
+    from tunelab.modeling import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="is not a trained text classifier: its weights lack score.weight"):
+        load_reward_fn(f"pipeline:{tiny_dir}")
+    assert len(load_reward_fn(f"pipeline:{reward_dir}")(["p", "q"], ["a", "b"])) == 2
+
+
+def test_an_adapter_whose_base_is_missing_names_it(tiny_dir, adapter_dir, tmp_path, prompts, capsys):
+    import shutil
+
+    moved = Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/no/such/base"}))
+    for argv in (["generate", "--model", str(moved), "--prompts", str(prompts)],
+                 ["merge", str(moved), "--output", str(tmp_path / "merged")]):
+        fails(argv, capsys, f"the adapter {moved} is for the base model '/no/such/base', which does not exist here")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_report_skips_metric_lines_that_are_not_objects(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    assert main(["report", str(tmp_path)]) == 0
+    assert "![loss](plots/loss.png)" in (tmp_path / "report.md").read_text()

@@ -224,6 +224,22 @@ def save_pretrained(model: nn.Module, tokenizer, directory: Path, state_dict: di
     tokenizer.save_pretrained(directory)
 
 
+def check_adapter_base(adapter_dir: Path) -> None:
+    """Refuse an adapter whose adapter_config.json is unreadable or names a local base model that is not there."""
+    import json
+
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} cannot be read as JSON ({exc})") from None
+    try:
+        _check_exists(base)
+    except ModelLoadError:
+        raise ModelLoadError(f"the adapter {adapter_dir} is for the base model '{base}', which does not exist here; "
+                             "set base_model_name_or_path in its adapter_config.json to the base model's folder"
+                             ) from None
+
+
 def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """(model, tokenizer) from a model directory, hub name or a LoRA adapter directory, in eval mode.
 
@@ -235,6 +251,7 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
     if (Path(name_or_path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
+        check_adapter_base(Path(name_or_path))
         model = _load(AutoPeftModelForCausalLM.from_pretrained, name_or_path, "adapter",
                       trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):  # a soft prompt cannot be folded into the weights
@@ -258,6 +275,27 @@ def _load_report_silenced(silenced: bool):
         hf_logging.set_verbosity(level)
 
 
+def require_trained_head(name_or_path: str, loading_info: dict, what: str = "reward model") -> None:
+    """Refuse a classifier whose checkpoint lacked weights (its head, typically) that were initialised at random."""
+    missing = sorted(loading_info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(f"{name_or_path} is not a trained {what}: its weights lack "
+                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which would start "
+                             "random. Train one with `tunelab rm` and pass that run (or its final/)")
+
+
+def load_classifier(name_or_path: str) -> tuple[nn.Module, object]:
+    """(text classifier, tokenizer) for a reward pipeline, refused when its classification head is untrained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    with _load_report_silenced(True):
+        model, info = _load(AutoModelForSequenceClassification.from_pretrained, name_or_path, "text classifier",
+                            use_safetensors=True, output_loading_info=True)
+    require_trained_head(name_or_path, info, "text classifier")
+    return model.eval(), tokenizer
+
+
 def load_reward_model(config: ModelConfig, pad_token_id: int | None,
                       quantization: QuantizationConfig | None = None, trained_head: bool = False) -> nn.Module:
     """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none).
@@ -272,11 +310,8 @@ def load_reward_model(config: ModelConfig, pad_token_id: int | None,
                             "reward model", num_labels=1, dtype=DTYPES[config.dtype],
                             trust_remote_code=config.trust_remote_code, use_safetensors=True,
                             output_loading_info=True, **_quantized_kwargs(quantization))
-    missing = sorted(info.get("missing_keys") or [])
-    if trained_head and missing:
-        raise ModelLoadError(f"{config.name_or_path} is not a trained reward model: its weights lack "
-                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which would start "
-                             "random. Train one with `tunelab rm` and pass that run (or its final/)")
+    if trained_head:
+        require_trained_head(config.name_or_path, info)
     model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
     model.config.pad_token_id = pad_token_id
     if config.gradient_checkpointing:
@@ -291,6 +326,7 @@ def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool =
     if (Path(name_or_path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForSequenceClassification
 
+        check_adapter_base(Path(name_or_path))
         model = _load(AutoPeftModelForSequenceClassification.from_pretrained, name_or_path, "reward adapter",
                       num_labels=1, trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):

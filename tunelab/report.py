@@ -20,6 +20,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a tunelab run directory?")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if isinstance(r, dict)]  # a line that is not an object holds no metrics
     return [r for r in records if r.get("split") != "eval"], [r for r in records if r.get("split") == "eval"]
 
 

@@ -106,7 +106,10 @@ class RewardSourceError(ValueError):
 def _pipeline_reward(model: str, label: str | None, batch_size: int, device=None) -> RewardFn:
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=model, top_k=None, device=device)
+    from tunelab.modeling import load_classifier
+
+    network, tokenizer = load_classifier(model)
+    classifier = pipeline("text-classification", model=network, tokenizer=tokenizer, top_k=None, device=device)
 
     def score(prompts: list[str], responses: list[str]) -> list[float]:
         # as in the classic sentiment lab, the classifier reads the whole text, prompt + response
