@@ -343,6 +343,12 @@ def test_invalid_utf8_names_the_file_and_line(name, content, where, tmp_path):
     assert str(caught.value) == f"{tmp_path}/{where}; save the file as UTF-8"
 
 
+def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_bytes(b"train:\n  lr: \xff\n")
+    fails(["sft", "--config", str(tmp_path / "c.yaml"), "--model", MISSING_MODEL, "--data", "p.jsonl", "--output",
+           str(tmp_path / "o")], capsys, f"config file {tmp_path / 'c.yaml'} line 2: not UTF-8 text (byte 0xff")
+
+
 # ---------------------------------------------------------------------------------------------
 # Nothing lost: merge outputs, config.yaml of a run that never started
 
