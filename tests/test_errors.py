@@ -477,3 +477,26 @@ def test_report_skips_metric_lines_that_are_not_objects(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
     assert main(["report", str(tmp_path)]) == 0
     assert "![loss](plots/loss.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_error_lines_show_control_characters_from_data_escaped(tmp_path, capsys):
+    rows = [{"anchor\x1b[2J": "a", "positive\r": "b"}] * 4
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    err = fails(["score", "--model", MISSING_MODEL, "--data", str(data)], capsys, "nothing to score")
+    assert "\x1b" not in err and "\r" not in err
+    from tunelab.cli import _error_line
+    from tunelab.data.load import DataError as Error
+
+    assert _error_line("sft", Error("field \x1b[31mred\x07"), known=True) == "tunelab sft: error: field red\\x07"
+
+
+def test_a_truncated_checkpoint_file_is_named_on_resume(tiny_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["sft", "--model", str(tiny_dir), "--data", str(prompts), "--output", str(out), "--batch-size", "2",
+            "--quiet", "train.save_every=1", "train.report=false", "data.eval_fraction=0"]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    weights = out / "checkpoints" / "step-1" / "trainable.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    fails([*argv, "--max-steps", "2", "--resume"], capsys, f"checkpoint file {weights} cannot be read: it is "
+          "truncated")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file as _load_tensors
+from safetensors.torch import save_file
 from torch import nn
 
 CHECKPOINT_PREFIX = "step-"
@@ -30,6 +31,16 @@ CHECKPOINT_PREFIX = "step-"
 
 class RunDirError(RuntimeError):
     """The output directory cannot be used as asked (already holds a run, nothing to resume, ...)."""
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file; an empty or truncated one is a RunDirError naming it."""
+    from tunelab.modeling import safetensors_problem
+
+    problem = safetensors_problem(Path(path)) if Path(path).is_file() else "it is missing"
+    if problem:
+        raise RunDirError(f"checkpoint file {path} cannot be read: {problem}")
+    return _load_tensors(path)
 
 
 @contextlib.contextmanager
