@@ -116,11 +116,13 @@ def _recipe_command(cls, module: str, function: str):
 
         run = getattr(importlib.import_module(module), function)
         config = _recipe_config(cls, args)
+        output = Path(config.output) if config.output else None
+        fresh = output is not None and not args.resume and not (output.is_dir() and any(output.iterdir()))
         try:
             result = run(config, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
         except BaseException:
-            if not args.resume and is_main():
-                remove_unstarted_run(Path(config.output))
+            if fresh and is_main():
+                remove_unstarted_run(output)
             raise
         if is_main():
             print(result.final_dir)
@@ -129,8 +131,9 @@ def _recipe_command(cls, module: str, function: str):
 
 
 def remove_unstarted_run(folder: Path) -> None:
-    """Remove the config.yaml of a run that failed before its first step (nothing else written), so that the
-    corrected command starts without --overwrite; the folder goes too when that leaves it empty."""
+    """Remove the config.yaml of a new run that failed before its first step (nothing else written), so that the
+    corrected command starts without --overwrite; the folder goes too when that leaves it empty. Called only
+    for a folder that was absent or empty before the run."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
     if [p.name for p in entries] != ["config.yaml"]:
         return
