@@ -408,7 +408,7 @@ def test_control_characters_from_data_never_reach_the_terminal(tiny_dir, tmp_pat
     assert "Hi\\x0dX" in captured.out
 
 
-def test_safe_text_helpers():
+def test_terminal_file_name_and_markdown_escaping():
     assert terminal_safe("a\x1b[31mb\x1b[0m\tc\nd\re\x00\x9b") == "ab\tc\nd\\x0de\\x00\\x9b"
     assert [safe_filename(n) for n in ("../x", "..", "", "a b/c", ".hidden", "loss")] == [
         "___x", "__", "_", "a_b_c", "_hidden", "loss"]
