@@ -166,6 +166,9 @@ def test_generate_output_naming_a_folder_is_refused_before_loading(tmp_path, cap
     fails(["score", "--model", MISSING_MODEL, "--data", "p.jsonl", "--output", str(tmp_path)], capsys,
           "is a folder")
     fails(["eval", "--model", MISSING_MODEL, "--data", "p.jsonl", "--output", str(tmp_path)], capsys, "is a folder")
+    (tmp_path / "e.npy").mkdir()
+    fails(["embed", "--model", MISSING_MODEL, "--data", "p.jsonl", "--output", str(tmp_path / "e.npy")], capsys,
+          f"--output {tmp_path / 'e.npy'} is a folder")
 
 
 def test_an_output_that_is_also_an_input_is_refused(prompts, capsys):

@@ -159,7 +159,9 @@ def cmd_contrastive(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from tunelab.embed import embed_file
+    from tunelab.safety import check_output_file
 
+    check_output_file(args.output, inputs=(args.data,))
     count = embed_file(args.model, args.data, args.output, batch_size=args.batch_size, pooling=args.pooling)
     print(f"embedded {count} texts -> {args.output}", file=sys.stderr)
     return 0
