@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file as _load_tensors
+from safetensors.torch import save_file
 from torch import nn
 
 from tunelab import pause, runlock
@@ -39,6 +40,16 @@ MANIFEST = "manifest.json"
 
 class RunDirError(RuntimeError):
     """The output directory cannot be used as asked (already holds a run, nothing to resume, ...)."""
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file; an empty or truncated one is a RunDirError naming it."""
+    from tunelab.modeling import safetensors_problem
+
+    problem = safetensors_problem(Path(path)) if Path(path).is_file() else "it is missing"
+    if problem:
+        raise RunDirError(f"checkpoint file {path} cannot be read: {problem}")
+    return _load_tensors(path)
 
 
 @contextlib.contextmanager
@@ -155,16 +166,25 @@ def write_failure(what: str, folder: Path, exc: OSError, needed: int, good: Path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file through a temporary name and rename it into place."""
+    """Write a file through a temporary name and rename it into place; a failure leaves neither behind and
+    raises OutputError naming `path` (a full disk, a read-only folder, ...)."""
+    from tunelab.safety import output_error
+
+    path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise output_error(path, exc) from exc
 
 
 def write_output(text: str, output: str | None) -> None:
     """Write `text` whole to the file `output` (atomically, creating folders), or to stdout without one."""
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(output), text)
     else:
         sys.stdout.write(text)

@@ -9,14 +9,17 @@ and `key=value` overrides reach every field of the config (see each verb's --hel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
 import sys
+from pathlib import Path
 
 from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RLOOConfig, RMConfig,
                             SFTConfig, build_config, describe_fields)
 
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
 
 
@@ -39,6 +42,39 @@ def _data_source(text: str) -> dict:
     return {"path": text}
 
 
+def _count(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number of at least `minimum` (and at most `maximum`)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            span = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+    return parse
+
+
+def _number(*, at_least: float | None = None, above: float | None = None, at_most: float | None = None):
+    """An argparse type: a finite number within the given bounds."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be {at_least:g} or more, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be more than {above:g}, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most:g}, got {text}")
+        return value
+    return parse
+
+
 def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[str, ...]) -> None:
     parser.add_argument("--model", help="base model: a local directory or a hub name (model.name_or_path)")
     parser.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]",
@@ -47,10 +83,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[st
                              "rows) (data.sources)")
     parser.add_argument("--output", help="run directory to create (output)")
     parser.add_argument("--config", help="YAML file with config keys (see below)")
-    parser.add_argument("--max-steps", type=int, help="stop after N optimizer steps (train.max_steps)")
-    parser.add_argument("--epochs", type=float, help="passes over the data (train.epochs)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    parser.add_argument("--batch-size", type=int, help="examples per micro-batch (train.batch_size)")
+    parser.add_argument("--max-steps", type=_count(1), help="stop after N optimizer steps (train.max_steps)")
+    parser.add_argument("--epochs", type=_number(above=0), help="passes over the data (train.epochs)")
+    parser.add_argument("--lr", type=_number(above=0), help="peak learning rate (train.lr)")
+    parser.add_argument("--batch-size", type=_count(1), help="examples per micro-batch (train.batch_size)")
     parser.add_argument("--peft", choices=peft_choices, help="parameters to train (peft); default lora")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
@@ -82,12 +118,32 @@ def _recipe_command(cls, module: str, function: str):
         from tunelab.distributed import is_main
 
         run = getattr(importlib.import_module(module), function)
-        result = run(_recipe_config(cls, args), resume=args.resume, overwrite=args.overwrite,
-                     allow_changes=args.allow_changes, quiet=args.quiet)
+        config = _recipe_config(cls, args)
+        output = Path(config.output) if config.output else None
+        fresh = output is not None and not args.resume and not (output.is_dir() and any(output.iterdir()))
+        try:
+            result = run(config, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
+                         quiet=args.quiet)
+        except BaseException:
+            if fresh and is_main():
+                remove_unstarted_run(output)
+            raise
         if is_main():
             print(result.final_dir)
         return 0
     return command
+
+
+def remove_unstarted_run(folder: Path) -> None:
+    """Remove the config.yaml of a new run that failed before its first step (nothing else written), so that the
+    corrected command starts without --overwrite; the folder goes too when that leaves it empty. Called only
+    for a folder that was absent or empty before the run."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if [p.name for p in entries] != ["config.yaml"]:
+        return
+    entries[0].unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")
@@ -107,28 +163,36 @@ def cmd_contrastive(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from tunelab.embed import embed_file
+    from tunelab.safety import check_output_file
 
+    check_output_file(args.output, inputs=(args.data,))
     count = embed_file(args.model, args.data, args.output, batch_size=args.batch_size, pooling=args.pooling)
     print(f"embedded {count} texts -> {args.output}", file=sys.stderr)
     return 0
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (1: all)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty on repeated tokens (1: none)")
-    parser.add_argument("--min-new-tokens", type=int, default=0, help="shortest response in tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    parser.add_argument("--temperature", type=_number(at_least=0), default=0.0,
+                        help="sampling temperature; 0 means greedy (default)")
+    parser.add_argument("--top-k", type=_count(0), default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=_number(above=0, at_most=1), default=1.0,
+                        help="nucleus sampling probability mass (1: all)")
+    parser.add_argument("--num-beams", type=_count(1), default=1, help="beam search width (1: no beam search)")
+    parser.add_argument("--repetition-penalty", type=_number(above=0), default=1.0,
+                        help="penalty on repeated tokens (1: none)")
+    parser.add_argument("--min-new-tokens", type=_count(0), default=0, help="shortest response in tokens")
+    parser.add_argument("--max-new-tokens", type=_count(1), default=max_new_tokens,
                         help=f"longest response in tokens (default {max_new_tokens})")
     parser.add_argument("--seed", type=int, default=0, help="seed for reproducible sampling (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    parser.add_argument("--batch-size", type=_count(1), default=16, help="prompts per generation batch (default 16)")
 
 
 def _generation_options(args: argparse.Namespace):
     from tunelab.generation import GenerationOptions
 
+    if args.min_new_tokens > args.max_new_tokens:
+        raise ConfigError(f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
+                          f"{args.max_new_tokens}")
     return GenerationOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
                              min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -137,7 +201,9 @@ def _generation_options(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.generation import generate_file
+    from tunelab.safety import check_output_file
 
+    check_output_file(args.output, inputs=(args.prompts,))
     count = generate_file(args.model, args.prompts, args.output, _generation_options(args))
     if args.output:
         print(f"generated {count} responses -> {args.output}", file=sys.stderr)
@@ -157,33 +223,46 @@ def cmd_label(args: argparse.Namespace) -> int:
     return run_label(args, _generation_options(args))
 
 
+def eval_output_paths(output: str) -> dict[str, Path]:
+    """Where `eval --output` writes its results (JSON), table (Markdown) and generations (JSONL).
+
+    The file named is the one of its kind (`r.md`: the table, beside `r.json`; anything else: the JSON), and the
+    three never coincide.
+    """
+    out = Path(output)
+    json_path = out.with_suffix(".json") if out.suffix.lower() == ".md" else out
+    return {"results": json_path, "table": out if out.suffix.lower() == ".md" else out.with_suffix(".md"),
+            "generations": json_path.with_suffix(".generations.jsonl")}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from tunelab.checkpoint import atomic_write_text
     from tunelab.evaluate import markdown_table, run_eval
+    from tunelab.safety import check_output_file
 
+    paths = eval_output_paths(args.output) if args.output else {}
+    for path in paths.values():
+        check_output_file(path, inputs=(args.data,))
     results = run_eval(args.model, args.data, reward=args.reward, compare=args.compare, reference=args.ref,
                        options=_generation_options(args), few_shot=args.few_shot, limit=args.limit)
     generations = results.pop("generations")
     table = markdown_table({Path(args.model).name or args.model: results})
     print(table)
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-        atomic_write_text(out.with_suffix(".md"), table + "\n")
-        atomic_write_text(out.with_suffix(".generations.jsonl"), "".join(json.dumps(g) + "\n" for g in generations))
-        print(f"results -> {out} (table {out.with_suffix('.md')}, generations "
-              f"{out.with_suffix('.generations.jsonl')})", file=sys.stderr)
+    if paths:
+        atomic_write_text(paths["results"], json.dumps(results, indent=2) + "\n")
+        atomic_write_text(paths["table"], table + "\n")
+        atomic_write_text(paths["generations"], "".join(json.dumps(g) + "\n" for g in generations))
+        print(f"results -> {paths['results']} (table {paths['table']}, generations {paths['generations']})",
+              file=sys.stderr)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.modeling import merge_adapter
 
-    print(merge_adapter(args.adapter, args.output))
+    print(merge_adapter(args.adapter, args.output, overwrite=args.overwrite))
     return 0
 
 
@@ -202,8 +281,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from tunelab.safety import check_output_file
     from tunelab.scoring import score_file
 
+    check_output_file(args.output, inputs=(args.data,))
     count = score_file(args.model, args.data, args.output, batch_size=args.batch_size)
     if args.output:
         print(f"scored {count} rows -> {args.output}", file=sys.stderr)
@@ -243,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "SFT, reward modeling, DPO and its reference-free and unpaired kin (SimPO, "
                                      "ORPO, KTO), RLHF with PPO, critic-free RL (GRPO, RLOO), contrastive "
                                      "embeddings, and human preference labeling.")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the Python traceback as well as "
+                        "the one-line message (also: TUNELAB_DEBUG=1); accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
 
@@ -370,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", required=True, help="a contrastive run directory, its final/, or a model")
     embed.add_argument("--data", required=True, help="texts to embed (.jsonl/.json/.csv/.parquet/.txt)")
     embed.add_argument("--output", required=True, help="file to write: .npy, .jsonl or .parquet")
-    embed.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    embed.add_argument("--batch-size", type=_count(1), default=32, help="texts per forward pass (default 32)")
     embed.add_argument("--pooling", choices=("auto", "mean", "cls", "last"), default="auto",
                        help="pooling (default auto: the model's own, else mean for an encoder, last for a "
                        "causal LM)")
@@ -383,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, help="reward model: a `tunelab rm` run directory or model directory")
     score.add_argument("--data", required=True, help="rows to score (.jsonl/.json/.csv/.parquet/...)")
     score.add_argument("--output", help="JSONL file to write (default: stdout)")
-    score.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    score.add_argument("--batch-size", type=_count(1), default=16, help="sequences per forward pass (default 16)")
     score.set_defaults(func=cmd_score)
 
     gen = sub.add_parser("generate", help="generate responses for a file of prompts (JSONL out)",
@@ -428,10 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--labeler", help="labeler name written with each label (default: the login name); each "
                      "labeler can change it on the page")
     lab.add_argument("--overlap", type=int, default=0, metavar="K", help="ask K of the prompts (drawn by --seed) "
-                     "of two different labelers each, to measure agreement (default 0)")
+                     "of two different labelers each, to measure agreement (default 0)")  # checked by label
     lab.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                      "machine only)")
-    lab.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
+    lab.add_argument("--port", type=_count(0, 65535), default=8765,
+                     help="port to listen on (default 8765; 0: any free port)")
     lab.add_argument("--stats", metavar="PREFS", help="print the statistics of a labels file and exit")
     _add_generation_flags(lab)
     for action in lab._actions:  # each pair is generated as one batch of its own: --batch-size has no use here
@@ -452,17 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", help="reward model (a tunelab rm run) for reward scores and the win rate")
     ev.add_argument("--compare", help="second model for a pairwise win rate of --model against it")
     ev.add_argument("--ref", help="reference model for the KL of --model to it")
-    ev.add_argument("--few-shot", type=int, default=0, help="prepend k solved examples from the data (default 0)")
-    ev.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    ev.add_argument("--few-shot", type=_count(0), default=0, help="prepend k solved examples from the data (default 0)")
+    ev.add_argument("--limit", type=_count(1), help="evaluate only the first N rows")
     _add_generation_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model",
                            description="Merge a LoRA adapter (a run directory or its final/) into its base model "
                            "and write a standalone Hugging Face model: safetensors weights, tokenizer and "
-                           "generation config, loadable with AutoModelFor*.from_pretrained.")
+                           "generation config, loadable with AutoModelFor*.from_pretrained. --output must lie "
+                           "outside the run, the adapter and its base model.")
     merge.add_argument("adapter", help="run directory or adapter directory")
     merge.add_argument("--output", required=True, help="directory for the merged model")
+    merge.add_argument("--overwrite", action="store_true", help="replace what --output holds even when it is not "
+                       "an earlier merge (an earlier merge's folder is replaced without it)")
     merge.set_defaults(func=cmd_merge)
 
     export = sub.add_parser("export", help="write a model, run or LoRA adapter as a GGUF file for llama.cpp",
@@ -495,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--model", help="model (or tokenizer) directory or hub name whose tokenizer renders the rows")
     ins.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]", help="data source(s)")
     ins.add_argument("--config", help="YAML config (its data and model keys are used)")
-    ins.add_argument("--n", type=int, default=3, help="rows to render (default 3)")
+    ins.add_argument("--n", type=_count(0), default=3, help="rows to render (default 3)")
     ins.add_argument("--no-color", action="store_true", help="mark trained tokens with [[...]] even on a terminal")
     ins.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=256")
     ins.set_defaults(func=cmd_inspect)
@@ -550,17 +637,47 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `tunelab` command; returns the exit status."""
-    from tunelab import allocator
+def _debug_requested(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without `--debug` (accepted anywhere on the line), and whether it or TUNELAB_DEBUG=1 asks for tracebacks."""
+    rest = [item for item in argv if item != "--debug"]
+    return rest, len(rest) < len(argv) or os.environ.get("TUNELAB_DEBUG", "") not in ("", "0")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that describe a problem with the input, the files or the machine, not a fault of tunelab."""
     from tunelab.checkpoint import RunDirError
     from tunelab.data.load import DataError
     from tunelab.distributed import LaunchError
     from tunelab.loop import TrainingError
     from tunelab.modeling import ModelLoadError
     from tunelab.rewards import RewardSourceError
+
+    return (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
+            OSError, ValueError)
+
+
+def _error_line(command: str, exc: BaseException, known: bool) -> str:
+    """The one line (or a few, for several config problems) that stands for a failure."""
+    from tunelab.safety import os_error_reason, terminal_safe
+
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # raised by the OS itself: its path and the reason in words
+        text = f"{exc.filename}: {os_error_reason(exc)}" if exc.filename else os_error_reason(exc)
+    if not known:
+        text = f"unexpected {type(exc).__name__}: {text} (rerun with --debug to see where)"
+    return f"tunelab {command}: error: {terminal_safe(text or type(exc).__name__)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tunelab` command; returns the exit status.
+
+    Every failure ends in one `tunelab COMMAND: error: ...` line on stderr: exit status 2 for bad input, files
+    or disks, 1 for anything unforeseen. `--debug` (or TUNELAB_DEBUG=1) prints the traceback as well.
+    """
+    from tunelab import allocator
     from tunelab.runlock import release_all
 
+    argv, debug = _debug_requested(list(sys.argv[1:] if argv is None else argv))
     args = _parse(build_parser(), argv)
     _quiet_libraries()
     allocator.tune()
@@ -571,12 +688,16 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.finish()
         return status
-    except (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
-            FileNotFoundError, ValueError) as exc:
-        print(f"tunelab {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        known = isinstance(exc, _user_errors())
+        print(_error_line(args.command, exc, known), file=sys.stderr)
+        return EXIT_BAD_INPUT if known else EXIT_UNEXPECTED
     finally:
         release_all()  # the run folder's lock
 

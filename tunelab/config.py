@@ -22,9 +22,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are rejected, assignments are validated."""
+    """Base of every config section: unknown keys and non-finite numbers are rejected, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)  # an infinite lr or NaN coefficient is never meant
 
 
 Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "preference", "prompt"]
@@ -494,8 +495,12 @@ def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: d
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {yaml_path}")
+        from tunelab.data.load import DataError, read_text
+
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(read_text(path)) or {}
+        except DataError as exc:  # not UTF-8: the line and column are named
+            raise ConfigError(f"config file {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

@@ -267,6 +267,9 @@ def whole_state_dict(root, inner) -> dict | None:
 
 
 def log(text: str) -> None:
-    """Status lines go to stderr (stdout stays clean for results), from the main process only."""
+    """Status lines go to stderr (stdout stays clean for results), from the main process only; control
+    characters that came with data (file names, samples) are shown escaped, never sent to the terminal."""
+    from tunelab.safety import terminal_safe
+
     if is_main():
-        print(text, file=sys.stderr, flush=True)
+        print(terminal_safe(text), file=sys.stderr, flush=True)

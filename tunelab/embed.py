@@ -21,6 +21,7 @@ from tunelab.config import ConfigError, ModelConfig
 from tunelab.data.batching import pad_batch
 from tunelab.data.pairs import encode_text, is_encoder_tokenizer
 from tunelab.modeling import DTYPES, ModelLoadError, _load, load_tokenizer, resolve_model_path
+from tunelab.safety import output_error
 
 POOLINGS = ("mean", "cls", "last")
 # sentence-transformers' names: the old per-mode flags of 1_Pooling/config.json and the newer pooling_mode
@@ -288,6 +289,8 @@ def write_embeddings(output: str, texts: list[str], embeddings: torch.Tensor) ->
             table = pa.table({"text": texts, "embedding": pa.array(list(array), type=pa.list_(pa.float32()))})
             pq.write_table(table, tmp)
         os.replace(tmp, out)
+    except OSError as exc:  # a full or read-only disk: said of the file asked for, not the temporary
+        raise output_error(out, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return out

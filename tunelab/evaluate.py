@@ -17,6 +17,7 @@ from torch import nn
 from tunelab.data.batching import pad_batch
 from tunelab.data.templates import Rendered
 from tunelab.logprobs import hidden_states, token_logprobs, trunk_and_head
+from tunelab.safety import markdown_text
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -143,15 +144,18 @@ def run_eval(model_path: str, data_path: str, *, reward: str | None = None, comp
     mean/std need `reward`; the win rate needs `reward` and a second model `compare`; KL needs a
     `reference` model. Returns flat metrics plus `generations` (prompt, response, reference).
     """
-    from tunelab.generation import GenerationOptions, prompt_rows, resolve_model_dir
+    from tunelab.generation import GenerationOptions, prompt_examples, prompt_rows, resolve_model_dir
     from tunelab.modeling import load_for_inference
     from tunelab.rewards import RewardScorer
     from tunelab.rollout import generate
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be 1 or more (rows to evaluate), got {limit}")
     options = options or GenerationOptions()
     gen_kwargs = asdict(options)
+    examples = prompt_examples(data_path)[:limit]
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
-    rows = prompt_rows(data_path, tokenizer)[:limit]
+    rows = prompt_rows(examples, tokenizer)
     prompts = few_shot_prompts(rows, few_shot, options.seed or 0)
     responses = generate(model, tokenizer, prompts, **gen_kwargs)
     results: dict = {"n": len(rows)}
@@ -187,8 +191,8 @@ def markdown_table(results: dict[str, dict]) -> str:
     columns = []
     for metrics in results.values():
         columns += [k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in columns]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| model | " + " | ".join(markdown_text(c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, metrics in results.items():
         cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ written for llama.cpp) and reads Qwen3 with its default head_dim (128) whatever 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from tunelab.modeling import ModelLoadError
+from tunelab.safety import output_error
 
 DTYPES = ("f32", "f16", "q8_0")
 
@@ -169,10 +171,13 @@ def write_gguf(model: nn.Module, tokenizer, output: str | os.PathLike, dtype: st
             writer.write_tensor_data(item.data())
         writer.close()
         os.replace(tmp, output)
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(OSError):
+                writer.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full or read-only disk: said of the file asked for, not the temporary
+            raise output_error(output, exc) from exc
         raise
     _say(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     return output

@@ -14,6 +14,7 @@ from tunelab.data.load import DataError, load_rows
 from tunelab.data.templates import prompt_text, render_chat, require_chat_template
 from tunelab.modeling import load_for_inference
 from tunelab.rollout import generate
+from tunelab.safety import terminal_safe
 
 
 @dataclass
@@ -40,9 +41,15 @@ class PromptRow:
     reference: str | None = None
 
 
-def prompt_rows(path: str, tokenizer, chat_template: str | None = None) -> list[PromptRow]:
-    """Prompts (and references) from prompt, prompt/completion, alpaca, messages or text rows."""
-    _, examples = to_examples(load_rows(path), "auto", path)
+def prompt_examples(path: str) -> list[Example]:
+    """The rows of a prompts file, read and checked (no model or tokenizer needed, so bad data fails first)."""
+    return to_examples(load_rows(path), "auto", path)[1]
+
+
+def prompt_rows(path: str | list[Example], tokenizer, chat_template: str | None = None) -> list[PromptRow]:
+    """Prompts (and references) from prompt, prompt/completion, alpaca, messages or text rows (a file, or the
+    examples `prompt_examples` read from one)."""
+    examples = prompt_examples(path) if isinstance(path, str) else path
     rows = []
     for example in examples:
         rows.append(_prompt_row(example, tokenizer, chat_template))
@@ -72,8 +79,9 @@ def resolve_model_dir(path: str) -> str:
 
 def generate_file(model_path: str, prompts_path: str, output: str | None, options: GenerationOptions) -> int:
     """Generate a response for every prompt row; write JSONL {prompt, response} to `output` or stdout."""
+    examples = prompt_examples(prompts_path)
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
-    rows = prompt_rows(prompts_path, tokenizer)
+    rows = prompt_rows(examples, tokenizer)
     responses = generate(model, tokenizer, [r.prompt for r in rows], **asdict(options))
     lines = "".join(json.dumps({"prompt": r.prompt, "response": text}) + "\n" for r, text in zip(rows, responses))
     write_output(lines, output)
@@ -93,7 +101,7 @@ def chat_loop(model_path: str, options: GenerationOptions, system: str | None = 
 
     class Stream(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            stdout.write(text + ("\n" if stream_end else ""))
+            stdout.write(terminal_safe(text) + ("\n" if stream_end else ""))
             stdout.flush()
 
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -119,7 +127,7 @@ def chat_loop(model_path: str, options: GenerationOptions, system: str | None = 
         reply = generate(model, tokenizer, [render_chat(tokenizer, template, history, True)], streamer=streamer,
                          **{k: v for k, v in asdict(options).items() if k != "batch_size"})[0]
         if streamer is None:
-            stdout.write(reply + "\n")
+            stdout.write(terminal_safe(reply) + "\n")
         history.append({"role": "assistant", "content": reply})
         turns += 1
     return turns

@@ -33,9 +33,55 @@ def resolve_model_path(name_or_path: str) -> str:
     return resolve(name_or_path)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file (empty, truncated, a header that is not one), or None.
+
+    Reads the header only: its length, its JSON and the end of the last tensor against the file's size.
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"it is truncated or not a safetensors file ({size} bytes, too short for its header)"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not valid safetensors metadata"
+    if 8 + length + end > size:
+        return f"it is truncated: {size} bytes, and its header describes {8 + length + end}"
+    return None
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a local model folder whose weights are pickles only, or whose safetensors files are damaged."""
+    if not folder.is_dir():
+        return
+    safe = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not safe and pickles:
+        raise ModelLoadError(f"{folder} holds its weights only as pickles ({', '.join(pickles[:3])}), which tunelab "
+                             "never loads (unpickling can run code); convert them to safetensors first")
+    for path in safe:
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelLoadError(f"weights file {path} cannot be read: {problem}")
+
+
 def _load(loader, name_or_path: str, what: str, **kwargs):
     _check_exists(name_or_path)
     name_or_path = resolve_model_path(name_or_path)  # a .gguf file: its converted plain model folder
+    if what != "tokenizer":
+        check_weight_files(Path(name_or_path))
     try:
         return loader(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -178,6 +224,22 @@ def save_pretrained(model: nn.Module, tokenizer, directory: Path, state_dict: di
     tokenizer.save_pretrained(directory)
 
 
+def check_adapter_base(adapter_dir: Path) -> None:
+    """Refuse an adapter whose adapter_config.json is unreadable or names a local base model that is not there."""
+    import json
+
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} cannot be read as JSON ({exc})") from None
+    try:
+        _check_exists(base)
+    except ModelLoadError:
+        raise ModelLoadError(f"the adapter {adapter_dir} is for the base model '{base}', which does not exist here; "
+                             "set base_model_name_or_path in its adapter_config.json to the base model's folder"
+                             ) from None
+
+
 def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """(model, tokenizer) from a model directory, hub name or a LoRA adapter directory, in eval mode.
 
@@ -189,6 +251,7 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
     if (Path(name_or_path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
+        check_adapter_base(Path(name_or_path))
         model = _load(AutoPeftModelForCausalLM.from_pretrained, name_or_path, "adapter",
                       trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):  # a soft prompt cannot be folded into the weights
@@ -198,14 +261,57 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
     return model.eval(), tokenizer
 
 
+@contextlib.contextmanager
+def _load_report_silenced(silenced: bool):
+    """transformers' table of missing and unexpected weights, hidden where tunelab checks them itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if silenced:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def require_trained_head(name_or_path: str, loading_info: dict, what: str = "reward model") -> None:
+    """Refuse a classifier whose checkpoint lacked weights (its head, typically) that were initialised at random."""
+    missing = sorted(loading_info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(f"{name_or_path} is not a trained {what}: its weights lack "
+                             f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which would start "
+                             "random. Train one with `tunelab rm` and pass that run (or its final/)")
+
+
+def load_classifier(name_or_path: str) -> tuple[nn.Module, object]:
+    """(text classifier, tokenizer) for a reward pipeline, refused when its classification head is untrained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name_or_path, "tokenizer")
+    with _load_report_silenced(True):
+        model, info = _load(AutoModelForSequenceClassification.from_pretrained, name_or_path, "text classifier",
+                            use_safetensors=True, output_loading_info=True)
+    require_trained_head(name_or_path, info, "text classifier")
+    return model.eval(), tokenizer
+
+
 def load_reward_model(config: ModelConfig, pad_token_id: int | None,
-                      quantization: QuantizationConfig | None = None) -> nn.Module:
-    """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none)."""
+                      quantization: QuantizationConfig | None = None, trained_head: bool = False) -> nn.Module:
+    """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none).
+
+    With `trained_head`, a model whose checkpoint lacks any of these weights (a plain causal LM, whose score
+    head would start random) is refused: scoring with it would give meaningless rewards.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    model = _load(AutoModelForSequenceClassification.from_pretrained, config.name_or_path, "reward model",
-                  num_labels=1, dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code,
-                  use_safetensors=True, **_quantized_kwargs(quantization))
+    with _load_report_silenced(trained_head):  # a missing head is reported below, in one line
+        model, info = _load(AutoModelForSequenceClassification.from_pretrained, config.name_or_path,
+                            "reward model", num_labels=1, dtype=DTYPES[config.dtype],
+                            trust_remote_code=config.trust_remote_code, use_safetensors=True,
+                            output_loading_info=True, **_quantized_kwargs(quantization))
+    if trained_head:
+        require_trained_head(config.name_or_path, info)
     model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
     model.config.pad_token_id = pad_token_id
     if config.gradient_checkpointing:
@@ -220,20 +326,42 @@ def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool =
     if (Path(name_or_path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForSequenceClassification
 
+        check_adapter_base(Path(name_or_path))
         model = _load(AutoPeftModelForSequenceClassification.from_pretrained, name_or_path, "reward adapter",
                       num_labels=1, trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):
             model = model.merge_and_unload()
     else:
-        model = load_reward_model(config, tokenizer.pad_token_id)
+        model = load_reward_model(config, tokenizer.pad_token_id, trained_head=True)
     return model.eval(), tokenizer
 
 
-def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
+MERGE_MARK = "tunelab_merge.json"
+
+
+def _check_merge_output(output: Path, protected: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder that holds, lies inside or contains `protected` folders (the run, the adapter,
+    its base), and one holding other files than an earlier merge's, unless `overwrite`."""
+    target = output.resolve()
+    for folder in protected:
+        folder = folder.resolve()
+        if target == folder or folder in target.parents or target in folder.parents:
+            raise ModelLoadError(f"--output {output} would replace {folder}, which the merge reads; choose a "
+                                 "folder outside it")
+    if output.exists() and not output.is_dir():
+        raise ModelLoadError(f"--output {output} exists and is not a folder")
+    earlier_merge = (output / MERGE_MARK).is_file()
+    if output.is_dir() and any(output.iterdir()) and not earlier_merge and not overwrite:
+        raise ModelLoadError(f"--output {output} already holds files that are not an earlier merge's; pass "
+                             "--overwrite to replace them, or choose another folder")
+
+
+def merge_adapter(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter (a run directory or its final/) into its base model; save a standalone model.
 
     Writes safetensors weights, the tokenizer and (for causal LMs) the generation config. Refuses a
-    directory that is not an adapter, and an adapter whose base checkpoint is itself quantized.
+    directory that is not an adapter, an adapter whose base checkpoint is itself quantized, and an output
+    folder that would replace the run, the adapter or its base, or other files (unless `overwrite`).
     """
     import json
 
@@ -256,10 +384,13 @@ def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
         raise ModelLoadError(f"the adapter's base model {base} is stored quantized; merging into quantized weights "
                              "would lose the adapter's precision. Merge onto the original 16/32-bit base instead: "
                              "set base_model_name_or_path in adapter_config.json to it (or dequantize the base first)")
+    protected = [Path(adapter_dir), path] + ([Path(base)] if base and Path(base).exists() else [])
+    _check_merge_output(Path(output_dir), protected, overwrite)
     load = load_reward_model_for_inference if adapter.get("task_type") == "SEQ_CLS" else load_for_inference
     model, tokenizer = load(str(path))
     with atomic_dir(Path(output_dir)) as tmp:
         save_pretrained(model, tokenizer, tmp)
+        (tmp / MERGE_MARK).write_text(json.dumps({"adapter": str(path.resolve()), "base": base}) + "\n")
     return Path(output_dir)
 
 

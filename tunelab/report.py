@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tunelab.checkpoint import atomic_write_text
 from tunelab.jsonlog import read_jsonl
+from tunelab.safety import markdown_text, safe_filename, terminal_safe
 
 SKIPPED = {"step", "epoch", "elapsed_s", "updates"}
 # metrics shown in the summary table, when a run has them
@@ -19,19 +20,43 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a tunelab run directory?")
     records = read_jsonl(path)  # a torn last line (a run killed mid-write) is dropped with a warning
+    records = [r for r in records if isinstance(r, dict)]  # a line that is not an object holds no metrics
     return [r for r in records if r.get("split") != "eval"], [r for r in records if r.get("split") == "eval"]
 
 
 def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = {}
     for record in records:
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            continue  # a line without a step number cannot be placed on a plot
         for key, value in record.items():
             if key in SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             steps, values = series.setdefault(key, ([], []))
-            steps.append(record["step"])
+            steps.append(step)
             values.append(float(value))
     return series
+
+
+def plot_names(keys: list[str]) -> dict[str, str]:
+    """A PNG file name for each metric key, safe inside plots/ (no separators, no `..`) and distinct."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for key in keys:
+        stem = safe_filename(key)
+        name, n = f"{stem}.png", 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name.lower())
+        names[key] = name
+    return names
+
+
+def _plain(text: str) -> str:
+    """Text for a plot label: control characters shown escaped, `$` not read as the start of math."""
+    return terminal_safe(text).replace("$", r"\$")
 
 
 def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -> Path:
@@ -56,27 +81,28 @@ def write_report(run_dirs: list[str | Path], output: str | Path | None = None) -
             for key, (steps, values) in _series(records).items():
                 by_metric.setdefault(key, []).append((run.name, steps, values))
     headline = [k for k in HEADLINE if k in by_metric]
-    lines = [f"# Report: {', '.join(r.name for r in runs)}", "", "Last logged values:", ""]
+    lines = [f"# Report: {', '.join(markdown_text(r.name) for r in runs)}", "", "Last logged values:", ""]
     lines += ["| run | step | " + " | ".join(headline) + " |", "|---" * (len(headline) + 2) + "|"]
     for run, (train, evaluation) in data.items():
         last = {**(train[-1] if train else {}), **(evaluation[-1] if evaluation else {})}
         cells = [f"{last[k]:.4g}" if isinstance(last.get(k), (int, float)) else "" for k in headline]
-        lines.append(f"| {run.name} | {last.get('step', '')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(run.name)} | {markdown_text(last.get('step', ''))} | " + " | ".join(cells)
+                     + " |")
     lines.append("")
-    for key in sorted(by_metric):
+    for key, file_name in plot_names(sorted(by_metric)).items():
         figure, axis = plt.subplots(figsize=(6, 3.5))
         for name, steps, values in by_metric[key]:
-            axis.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, label=name)
+            axis.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, label=_plain(name))
         axis.set_xlabel("step")
-        axis.set_ylabel(key)
-        axis.set_title(key)
+        axis.set_ylabel(_plain(key))
+        axis.set_title(_plain(key))
         axis.grid(alpha=0.3)
         if len(by_metric[key]) > 1:
             axis.legend()
         figure.tight_layout()
-        figure.savefig(plots / f"{key}.png", dpi=80)
+        figure.savefig(plots / file_name, dpi=80)
         plt.close(figure)
-        lines += [f"## {key}", "", f"![{key}](plots/{key}.png)", ""]
+        lines += [f"## {markdown_text(key)}", "", f"![{markdown_text(key)}](plots/{file_name})", ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     return report

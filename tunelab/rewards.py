@@ -9,6 +9,7 @@ own classification head on [CLS].
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -105,7 +106,10 @@ class RewardSourceError(ValueError):
 def _pipeline_reward(model: str, label: str | None, batch_size: int, device=None) -> RewardFn:
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=model, top_k=None, device=device)
+    from tunelab.modeling import load_classifier
+
+    network, tokenizer = load_classifier(model)
+    classifier = pipeline("text-classification", model=network, tokenizer=tokenizer, top_k=None, device=device)
 
     def score(prompts: list[str], responses: list[str]) -> list[float]:
         # as in the classic sentiment lab, the classifier reads the whole text, prompt + response
@@ -121,6 +125,48 @@ def _pipeline_reward(model: str, label: str | None, batch_size: int, device=None
     return score
 
 
+def checked_rewards(values, count: int, source: str) -> list[float]:
+    """A reward source's output as `count` finite floats, or a RewardSourceError saying what it returned, and
+    for which response of the batch."""
+    expected = f"it must return a list of {count} numbers, one per response"
+    if values is None or isinstance(values, (str, bytes, dict)):
+        raise RewardSourceError(f"reward {source} returned {_shown(values)} for a batch of {count} responses; "
+                                f"{expected}")
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().flatten().tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardSourceError(f"reward {source} returned {_shown(values)}; {expected}") from None
+    if len(values) != count:
+        raise RewardSourceError(f"reward {source} returned {len(values)} scores for {count} responses; {expected}")
+    scores = []
+    for i, value in enumerate(values):
+        number = _as_number(value)
+        if number is None or not math.isfinite(number):
+            raise RewardSourceError(f"reward {source} returned {_shown(value)} for response {i} of the batch of "
+                                    f"{count}; {expected}, each finite")
+        scores.append(number)
+    return scores
+
+
+def _as_number(value) -> float | None:
+    """A plain or numpy/torch scalar as a float; None for anything else (strings and booleans included)."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    try:
+        return float(value) if hasattr(value, "__float__") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{text[:60] + '...' if len(text) > 60 else text} ({type(value).__name__})"
+
+
 def _callable_reward(spec: str) -> RewardFn:
     module_name, _, attr = spec.partition(":")
     try:
@@ -129,7 +175,15 @@ def _callable_reward(spec: str) -> RewardFn:
         raise RewardSourceError(f"reward callable '{spec}' could not be imported ({exc}); expected module:function") from None
     if not callable(fn):
         raise RewardSourceError(f"reward '{spec}' is not callable")
-    return fn
+
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        try:
+            values = fn(prompts, responses)
+        except Exception as exc:
+            raise RewardSourceError(f"reward {spec} failed on a batch of {len(responses)} responses: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        return checked_rewards(values, len(responses), spec)
+    return score
 
 
 def load_reward_fn(source: str, label: str | None = None, batch_size: int = 16,

@@ -170,9 +170,9 @@ def test_bad_settings_and_misbehaving_rewards_are_clear(tiny_dir, prompts, tmp_p
     assert main(["rloo", *base, "--output", str(tmp_path / "b"), "--reward", "tests.recipes.test_grpo:short_reward"]) == 2
     assert "returned 1 scores for 8 responses" in capsys.readouterr().err
     assert main(["grpo", *base, "--output", str(tmp_path / "c"), "--reward", "tests.recipes.test_grpo:text_reward"]) == 2
-    assert "not numbers" in capsys.readouterr().err
+    assert "returned 'good' (str) for response 0 of the batch of 8" in capsys.readouterr().err
     assert main(["grpo", *base, "--output", str(tmp_path / "d"), "--reward", "tests.recipes.test_grpo:nan_reward"]) == 2
-    assert "returned nan for response 1" in capsys.readouterr().err
+    assert "returned nan (float) for response 1 of the batch of 8" in capsys.readouterr().err
     assert main(["grpo", *base, "--output", str(tmp_path / "e"), "rl.num_generations=1"]) == 2
     assert "rl.num_generations" in capsys.readouterr().err
 

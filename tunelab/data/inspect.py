@@ -10,6 +10,7 @@ import math
 
 from tunelab.data.dataset import TokenizedData
 from tunelab.data.templates import Rendered
+from tunelab.safety import terminal_safe
 
 GREEN, RESET = "\033[42;30m", "\033[0m"
 
@@ -20,7 +21,7 @@ def highlight(rendered: Rendered, tokenizer, color: bool) -> str:
     ids, mask = rendered.ids, rendered.mask
     for end in range(1, len(ids) + 1):
         if end == len(ids) or mask[end] != mask[start]:
-            text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+            text = terminal_safe(tokenizer.decode(ids[start:end], skip_special_tokens=False))  # data: no escapes
             if mask[start]:
                 text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
             out.append(text)
@@ -69,7 +70,8 @@ def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = Fal
                  f"({100 * stats['trained_fraction']:.1f}%)")
     marker = "green background" if color else "[[...]]"
     for rendered in (data.train + data.held_out)[:n]:
-        lines.append(f"\n--- {rendered.where} ({len(rendered.ids)} tokens, {rendered.trained_tokens} trained, "
+        where = terminal_safe(rendered.where)
+        lines.append(f"\n--- {where} ({len(rendered.ids)} tokens, {rendered.trained_tokens} trained, "
                      f"marked with {marker}) ---")
         lines.append(highlight(rendered, tokenizer, color))
     return "\n".join(lines)

@@ -7,6 +7,7 @@ can name the exact place of a bad value.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,18 +65,30 @@ def _require_mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def read_text(path: Path) -> str:
+    """A data file's text (UTF-8, a byte-order mark tolerated); bytes that are not UTF-8 are a DataError naming
+    the line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column "
+                        f"{exc.start - line_start + 1}); save the file as UTF-8") from None
+
+
 def _load_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            rows.append(Row(where, _require_mapping(value, where)))
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        rows.append(Row(where, _require_mapping(value, where)))
     return rows
 
 
@@ -83,7 +96,7 @@ _JSON_WRAPPERS = ("data", "rows", "examples", "records", "train")
 
 
 def _load_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if not text.strip():
         return []
     try:
@@ -98,17 +111,16 @@ def _load_json(path: Path) -> list[Row]:
 
 
 def _load_csv(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            return []
-        rows = []
-        for i, record in enumerate(reader, start=1):
-            where = f"{path} row {i} (line {reader.line_num})"
-            if None in record:
-                raise DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
-            rows.append(Row(where, {k: v for k, v in record.items() if v is not None}))
-        return rows
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if not reader.fieldnames:
+        return []
+    rows = []
+    for i, record in enumerate(reader, start=1):
+        where = f"{path} row {i} (line {reader.line_num})"
+        if None in record:
+            raise DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
+        rows.append(Row(where, {k: v for k, v in record.items() if v is not None}))
+    return rows
 
 
 def _load_parquet(path: Path) -> list[Row]:

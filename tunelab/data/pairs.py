@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
 from tunelab.data.dataset import SourceSummary, TokenizedData, add_source
-from tunelab.data.load import DataError, Row, load_rows
+from tunelab.data.load import DataError, Row, load_rows, read_text
 
 ALIASES = (("anchor", "positive"), ("query", "document"), ("text1", "text2"))
 NEGATIVE_FIELDS = ("negative", "negatives")
@@ -120,7 +120,7 @@ def load_texts(path: str) -> list[str]:
     from pathlib import Path
 
     if Path(path).suffix.lower() == ".txt" and Path(path).is_file():
-        texts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line for line in read_text(Path(path)).splitlines() if line.strip()]
         if not texts:
             raise DataError(f"{path}: no texts found (the file is empty)")
         return texts

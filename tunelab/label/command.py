@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tunelab.label import LabelError, require_web
+from tunelab.safety import terminal_safe
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -45,16 +46,17 @@ def run_label(args, options=None) -> int:
 
         if not Path(args.stats).is_file():
             raise LabelError(f"labels file not found: {args.stats}")
-        print(format_stats(label_stats(args.stats)))
+        print(terminal_safe(format_stats(label_stats(args.stats))))
         return 0
     _check(args)
     require_web()
+    from tunelab.data.load import read_text
     from tunelab.label.items import load_candidates, load_prompt_items
     from tunelab.label.server import LOOPBACK_NAMES, create_app, default_guidelines, serve
     from tunelab.label.session import LabelSession
     from tunelab.label.store import LabelFile
 
-    guidelines = Path(args.guidelines).read_text(encoding="utf-8") if args.guidelines else default_guidelines()
+    guidelines = read_text(Path(args.guidelines)) if args.guidelines else default_guidelines()
     models = []
     if args.candidates:
         only = [item.prompt for item in load_prompt_items(args.prompts, [None])] if args.prompts else None

@@ -34,6 +34,7 @@ from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import Prepared, batch_plan, micro_batch_budget, split_by_tokens, write_final
 from tunelab.report import report_at_end
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
+from tunelab.rewards import checked_rewards
 
 PROMPT_FORMATS = ("prompt", "prompt_completion", "alpaca", "messages")
 
@@ -92,20 +93,7 @@ def reference_logprobs(raw: nn.Module, ref_model: nn.Module | None, batch: dict)
 
 def checked_scores(values, count: int, source: str) -> torch.Tensor:
     """The reward source's output as a float tensor `[count]`, or an error saying what was wrong with it."""
-    if values is None:
-        raise TrainingError(f"reward {source} returned None; it must return one number per response")
-    try:
-        scores = torch.as_tensor(values, dtype=torch.float32).flatten()
-    except (TypeError, ValueError, RuntimeError):
-        raise TrainingError(f"reward {source} returned {type(values).__name__} values that are not numbers; "
-                            "it must return one number per response") from None
-    if scores.numel() != count:
-        raise TrainingError(f"reward {source} returned {scores.numel()} scores for {count} responses")
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        raise TrainingError(f"reward {source} returned {scores[bad[0]].item()} for response {bad[0]} of the batch "
-                            f"({len(bad)} non-finite in all)")
-    return scores
+    return torch.tensor(checked_rewards(values, count, source), dtype=torch.float32)
 
 
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, config, gather=None) -> torch.Tensor:
