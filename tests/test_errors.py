@@ -499,7 +499,15 @@ def test_a_truncated_checkpoint_file_is_named_on_resume(tiny_dir, prompts, tmp_p
             "--quiet", "train.save_every=1", "train.report=false", "data.eval_fraction=0"]
     assert main([*argv, "--max-steps", "1"]) == 0
     weights = out / "checkpoints" / "step-1" / "trainable.safetensors"
+    whole = weights.stat().st_size
     with weights.open("r+b") as handle:
-        handle.truncate(weights.stat().st_size // 2)
+        handle.truncate(whole // 2)
+    # the checkpoint's manifest catches it first: the checkpoint is set aside and, with no other, nothing resumes
+    fails([*argv, "--max-steps", "2", "--resume"], capsys, f"no intact checkpoint (step-1: trainable.safetensors is "
+          f"{whole // 2} bytes, {whole} were written (truncated or overwritten))")
+    # a checkpoint written before manifests existed is loaded unchecked: the truncated file is named when read
+    damaged = out / "checkpoints" / "damaged-step-1"
+    damaged.rename(out / "checkpoints" / "step-1")
+    (out / "checkpoints" / "step-1" / "manifest.json").unlink()
     fails([*argv, "--max-steps", "2", "--resume"], capsys, f"checkpoint file {weights} cannot be read: it is "
           "truncated")
