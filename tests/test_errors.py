@@ -511,3 +511,11 @@ def test_a_truncated_checkpoint_file_is_named_on_resume(tiny_dir, prompts, tmp_p
     (out / "checkpoints" / "step-1" / "manifest.json").unlink()
     fails([*argv, "--max-steps", "2", "--resume"], capsys, f"checkpoint file {weights} cannot be read: it is "
           "truncated")
+
+
+def test_markdown_cells_keep_metric_names_readable():
+    from tunelab.safety import markdown_text
+
+    assert markdown_text("positive_share") == "positive_share"  # inside a word: no emphasis, nothing to escape
+    assert markdown_text("_x_ *y*") == r"\_x\_ \*y\*"
+    assert markdown_text("<b>|</b>") == r"&lt;b&gt;\|&lt;/b&gt;"

@@ -45,7 +45,9 @@ def safe_filename(name: str, limit: int = 120) -> str:
 def markdown_text(text: str) -> str:
     """`text` for a Markdown table cell or heading: HTML escaped, Markdown syntax and line breaks neutralised."""
     text = html.escape(terminal_safe(text), quote=True)
-    text = re.sub(r"([\\`*_{}\[\]()#+!|~<>$])", r"\\\1", text)
+    text = re.sub(r"([\\`*{}\[\]()#+!|~<>$])", r"\\\1", text)
+    # an underscore inside a word (positive_share) emphasises nothing in Markdown: only those at a word's edge
+    text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
     return " ".join(text.split())
 
 
