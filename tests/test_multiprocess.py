@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import instruction_rows, make_tiny_model_dir, write_jsonl
+from tests.helpers import instruction_rows, make_tiny_model_dir, max_weight_diff, write_jsonl
 from tests.recipes.test_reward import review_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,18 +52,6 @@ def records(record: Path, rank: int, kind: str) -> list[dict]:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    final = run / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(final / name)
-
-
-def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
 def assert_same_curves(one: Path, two: Path) -> None:
