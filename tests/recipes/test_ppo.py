@@ -181,7 +181,7 @@ def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, promp
     """The experience pass's forward of the first minibatch serves as the first update's forward: 8 rows fewer
     forwarded per iteration, and the weights end where two separate forwards take them (up to float rounding)."""
     import tunelab.recipes.ppo as ppo_module
-    from tests.test_multiprocess import weights
+    from tests.helpers import final_weights as weights
 
     calls = {"n": 0}
     forward = PolicyWithValueHead.forward
