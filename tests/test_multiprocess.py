@@ -282,7 +282,7 @@ def test_grpo_two_processes_equal_one_on_the_same_responses(world, tmp_path):
     first, second = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [m["step"] for m in second] == [1, 2] and first[0]["score_std"] > 0 and second[-1]["clip_fraction"] > 0
     for a, b in zip(first, second):
-        for key in a.keys() - {"rollout_s", "learn_s", "iteration_s"}:
+        for key in a.keys() - {"generate_s", "rollout_s", "learn_s", "iteration_s"}:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     # 4 AdamW steps at lr 1e-2: float-level gradient differences (rows summed in another order) on weights
     # whose gradient is near 0 are scaled up by Adam's 1 / sqrt(v), so the bound is 1e-5, not 1e-6
