@@ -271,6 +271,8 @@ class OnlineLoop:
                     f"checkpoint ({run.latest_checkpoint() or 'none'})")
                 raise
         self.progress.close()
+        if train.save_every and self.iteration % train.save_every:  # the end, as the supervised loop does
+            self.checkpoint()
         return history
 
     def records(self) -> list[dict]:
