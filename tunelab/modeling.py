@@ -219,9 +219,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def save_pretrained(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Write the model (or LoRA adapter) and tokenizer so that transformers/peft load them directly.
 
-    `state_dict`: the model's weights gathered whole, where training sharded them."""
+    A model that generates gets a `generation_config.json` whose `eos_token_id` lists EOS and the chat
+    template's end-of-turn token (`tunelab.eos`), beside an adapter too, so plain `generate` stops where
+    tunelab's does. `state_dict`: the model's weights gathered whole, where training sharded them."""
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(directory)
+    save_generation_config(model, tokenizer, Path(directory))
+
+
+def save_generation_config(model: nn.Module, tokenizer, directory: Path) -> None:
+    """Write the generation config of a causal LM (or the base of an adapter) with the chat's stop tokens."""
+    import copy
+
+    from tunelab.eos import generation_eos
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "generation_config", None)
+    if config is None or not base.can_generate():
+        return
+    config = copy.deepcopy(config)
+    config.eos_token_id = generation_eos(tokenizer)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(directory)
 
 
 def check_adapter_base(adapter_dir: Path) -> None:

@@ -1,0 +1,74 @@
+"""What a run writes works outside tunelab: stop tokens in generation_config, reward scores that plain
+transformers reproduce, loadable checkpoints and a model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import make_tiny_model_dir, write_jsonl
+from tunelab.config import DataConfig, DataSource, ModelConfig, SFTConfig, TrainConfig
+from tunelab.recipes.sft import run_sft
+
+REPLY = "Sure."
+
+
+def chat_rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Say something about item {i}."},
+                          {"role": "assistant", "content": REPLY}]} for i in range(n)]
+
+
+def chat_config(model_dir, data, output, peft="none", **train) -> SFTConfig:
+    settings = {**dict(lr=2e-2, batch_size=8, warmup_ratio=0.0, log_every=1, seed=0, report=False, max_steps=25,
+                       micro_batch_tokens=None), **train}
+    return SFTConfig(model=ModelConfig(name_or_path=str(model_dir)), output=str(output), peft=peft,
+                     data=DataConfig(sources=[DataSource(path=str(data))], eval_fraction=0.1),
+                     train=TrainConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny ChatML model fine-tuned in full to answer every question with REPLY and end its turn."""
+    root = tmp_path_factory.mktemp("chat")
+    model_dir = make_tiny_model_dir(root / "base")
+    data = write_jsonl(root / "chat.jsonl", chat_rows(40))
+    result = run_sft(chat_config(model_dir, data, root / "run"), quiet=True)
+    return result, model_dir, data
+
+
+def test_final_generation_config_stops_at_the_end_of_turn(chat_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, _, _ = chat_run
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, im_end]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say something about item 99."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=30, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert output[-1].item() == im_end  # stopped at the end of its turn, not at max_new_tokens
+    assert len(output) < 30
+    assert tokenizer.decode(output, skip_special_tokens=True) == REPLY
+    # what tunelab's own generation does with the same model
+    from tunelab.modeling import load_for_inference
+    from tunelab.rollout import generate
+
+    model, tokenizer = load_for_inference(str(result.final_dir))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Say something about item 99."}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert generate(model, tokenizer, [text], max_new_tokens=30) == [REPLY]
+
+
+def test_adapter_and_merged_model_carry_the_stop_tokens(chat_run, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tunelab.modeling import merge_adapter
+
+    _, model_dir, data = chat_run
+    lora = run_sft(chat_config(model_dir, data, tmp_path / "lora", peft="lora", max_steps=2), quiet=True)
+    assert GenerationConfig.from_pretrained(lora.final_dir).eos_token_id == [2, 4]
+    merged = merge_adapter(str(lora.run_dir), str(tmp_path / "merged"))
+    assert AutoModelForCausalLM.from_pretrained(merged).generation_config.eos_token_id == [2, 4]
