@@ -72,3 +72,46 @@ def test_adapter_and_merged_model_carry_the_stop_tokens(chat_run, tmp_path):
     assert GenerationConfig.from_pretrained(lora.final_dir).eos_token_id == [2, 4]
     merged = merge_adapter(str(lora.run_dir), str(tmp_path / "merged"))
     assert AutoModelForCausalLM.from_pretrained(merged).generation_config.eos_token_id == [2, 4]
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory):
+    """A tiny reward model trained in full on review pairs (the positive review preferred)."""
+    from tests.recipes.test_reward import review_pairs, rm_config
+    from tunelab.recipes.reward import run_rm
+
+    root = tmp_path_factory.mktemp("rm")
+    model_dir = make_tiny_model_dir(root / "base")
+    data = write_jsonl(root / "pairs.jsonl", review_pairs(60))
+    result = run_rm(rm_config(model_dir, data, root / "run", max_steps=6, log_every=1), quiet=True)
+    return result, root
+
+
+def test_reward_scores_equal_plain_transformers_and_pipeline(rm_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from tunelab.cli import main
+
+    result, _ = rm_run
+    rows = [{"prompt": "Write a review of The Silent Harbor.\n", "response": "A superb, moving film."},
+            {"prompt": "Write a review of Night Train.\n", "response": "Dull and far too long."},
+            {"prompt": "", "response": "Just a text with no prompt."}]
+    scored = tmp_path / "scored.jsonl"
+    assert main(["score", "--model", str(result.run_dir), "--data", str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+                 "--output", str(scored)]) == 0
+    tunelab_scores = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
+    assert len(set(round(s, 4) for s in tunelab_scores)) == 3  # a trained head: the rows score differently
+
+    texts = [r["prompt"] + r["response"] for r in rows]
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
+    with torch.no_grad():
+        plain = [model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item() for text in texts]
+    assert plain == pytest.approx(tunelab_scores, abs=1e-5)
+
+    classify = pipeline("text-classification", model=str(result.final_dir))
+    as_is = [out["score"] for out in classify(texts)]  # a regression head: no sigmoid, no extra arguments
+    assert as_is == pytest.approx(tunelab_scores, abs=1e-5)
+    assert classify(texts[0])[0]["label"] == "reward"
+    raw = [out["score"] for out in classify(texts, function_to_apply="none")]
+    assert raw == pytest.approx(tunelab_scores, abs=1e-5)

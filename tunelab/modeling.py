@@ -316,6 +316,13 @@ def load_classifier(name_or_path: str) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def mark_reward_head(model: nn.Module) -> None:
+    """Save a reward model as a regression head labelled `reward`: pipeline("text-classification") then
+    returns its raw score (a one-label classifier would get a sigmoid of it)."""
+    model.config.problem_type = "regression"
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+
+
 def load_reward_model(config: ModelConfig, pad_token_id: int | None,
                       quantization: QuantizationConfig | None = None, trained_head: bool = False) -> nn.Module:
     """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none).
@@ -334,6 +341,7 @@ def load_reward_model(config: ModelConfig, pad_token_id: int | None,
         require_trained_head(config.name_or_path, info)
     model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
     model.config.pad_token_id = pad_token_id
+    mark_reward_head(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -351,6 +359,7 @@ def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool =
                       num_labels=1, trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):
             model = model.merge_and_unload()
+            mark_reward_head(model)  # what `tunelab merge` saves
     else:
         model = load_reward_model(config, tokenizer.pad_token_id, trained_head=True)
     return model.eval(), tokenizer
