@@ -115,3 +115,27 @@ def test_reward_scores_equal_plain_transformers_and_pipeline(rm_run, tmp_path):
     assert classify(texts[0])[0]["label"] == "reward"
     raw = [out["score"] for out in classify(texts, function_to_apply="none")]
     assert raw == pytest.approx(tunelab_scores, abs=1e-5)
+
+
+def test_checkpoints_hold_a_loadable_model(chat_run, tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tunelab.cli import main
+
+    _, model_dir, data = chat_run
+    result = run_sft(chat_config(model_dir, data, tmp_path / "full", max_steps=4, save_every=2, keep_last=5),
+                     quiet=True)
+    checkpoint = result.run_dir / "checkpoints" / "step-4"
+    saved = AutoModelForCausalLM.from_pretrained(checkpoint / "model").eval()
+    final = AutoModelForCausalLM.from_pretrained(result.final_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.equal(saved(ids).logits, final(ids).logits)  # the last checkpoint's model is final/'s
+    assert GenerationConfig.from_pretrained(checkpoint / "model").eos_token_id == [2, 4]
+    assert (result.run_dir / "checkpoints" / "step-2" / "model" / "model.safetensors").is_file()
+
+    lora = run_sft(chat_config(model_dir, data, tmp_path / "lora", peft="lora", max_steps=2, save_every=1,
+                               keep_last=5), quiet=True)
+    assert main(["merge", str(lora.run_dir / "checkpoints" / "step-1"), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.num_hidden_layers == final.config.num_hidden_layers

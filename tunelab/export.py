@@ -73,6 +73,8 @@ def _source(path: Path) -> Path:
         raise ModelLoadError(f"nothing to export at {path}: the path does not exist")
     if path.is_dir() and (path / "final").is_dir():
         path = path / "final"
+    elif path.is_dir() and (path / "model").is_dir():  # a checkpoint: the model saved in it
+        path = path / "model"
     adapter_file = path / "adapter_config.json"
     if adapter_file.is_file():
         adapter = json.loads(adapter_file.read_text())

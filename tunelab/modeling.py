@@ -399,6 +399,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, overwrite: bool = False) ->
     path = Path(adapter_dir)
     if (path / "final").is_dir():
         path = path / "final"
+    elif (path / "model").is_dir():  # a checkpoint: the model saved in it
+        path = path / "model"
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} is not a LoRA adapter (no adapter_config.json): it is already a full model, "

@@ -163,7 +163,17 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
                                            config.train.batch_size, collate),
                  config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
-                 desc=desc, prepare_step=prepare_step)
+                 desc=desc, prepare_step=prepare_step, export=model_export(prepared.model, prepared.tokenizer))
+
+
+def model_export(model, tokenizer):
+    """`export(whole)` for checkpoints and final/: gathers `model`'s weights from the prepared module `whole`
+    (on every process, where training sharded them) and returns a function that saves the model (or adapter)
+    and tokenizer into a folder, as plain transformers/peft load them."""
+    def export(whole: nn.Module | None):
+        state = distributed.whole_state_dict(whole, model) if whole is not None else None
+        return lambda folder: save_pretrained(model, tokenizer, folder, state_dict=state)
+    return export
 
 
 def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -> Path:

@@ -31,7 +31,8 @@ from tunelab.jsonlog import read_jsonl, trim_jsonl
 from tunelab.loop import (Progress, TrainingError, append_log, build_optimizer, check_grad_norm, check_weights,
                           lr_factor)
 from tunelab.modeling import adapter_disabled, load_causal_lm
-from tunelab.recipes.common import Prepared, batch_plan, micro_batch_budget, split_by_tokens, write_final
+from tunelab.recipes.common import (Prepared, batch_plan, micro_batch_budget, model_export, split_by_tokens,
+                                    write_final)
 from tunelab.report import report_at_end
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
 from tunelab.rewards import checked_rewards
@@ -244,7 +245,8 @@ class OnlineLoop:
         check_weights(self.raw, self.iteration, self.prepared.run, "iteration")
         return save_checkpoint(self.prepared.run, self.iteration, self.raw, self.optimizer, self.scheduler,
                         {"epoch": self.epoch, "position": self.position, **self.state()},
-                        self.config.train.keep_last, engine=self.module if self.deepspeed else None)
+                        self.config.train.keep_last, engine=self.module if self.deepspeed else None,
+                        export=lambda: model_export(self.prepared.model, self.prepared.tokenizer)(self.raw))
 
     def run(self, step: Callable[[list[str]], Step]) -> list[dict]:
         """Iterate to `train.max_steps`; returns the records of the iterations run here."""
