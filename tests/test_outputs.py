@@ -139,3 +139,71 @@ def test_checkpoints_hold_a_loadable_model(chat_run, tmp_path):
     assert main(["merge", str(lora.run_dir / "checkpoints" / "step-1"), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.config.num_hidden_layers == final.config.num_hidden_layers
+
+
+def card_of(folder):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(folder / "README.md")
+
+
+def metrics(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "split" not in r][-1], [r for r in records if r.get("split") == "eval"][-1]
+
+
+def test_model_card_of_an_sft_lora_run_merge_and_export(chat_run, tmp_path):
+    from tunelab.cli import main
+
+    _, model_dir, data = chat_run
+    result = run_sft(chat_config(model_dir, data, tmp_path / "lora", peft="lora", max_steps=3, lr=1e-3), quiet=True)
+    card = card_of(result.final_dir)
+    assert card.data.base_model == str(model_dir)
+    assert card.data.library_name == "peft"
+    assert {"tunelab", "sft", "lora"} <= set(card.data.tags)
+    assert card.data.datasets is None  # a local file names no hub dataset
+    text = card.text
+    assert "[More Information Needed]" not in text
+    assert f"| `{data}` | messages | 40 | 36 | 4 | 1 |" in text  # 40 rows, 36 train, 4 held out
+    assert "- **Steps:** 3 optimizer steps" in text
+    assert "- `train.lr`: `0.001`" in text and "- `train.max_steps`: `3`" in text
+    assert "LoRA (r=8, alpha=16, dropout=0.05, target modules all-linear)" in text
+    train, held = metrics(result.run_dir)
+    row = next(line for line in text.splitlines() if line.startswith("| loss |"))
+    assert row == f"| loss | {train['loss']:.6g} | {held['eval_loss']:.6g} |"
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{result.final_dir}")' in text
+
+    assert main(["merge", str(result.run_dir), "--output", str(tmp_path / "merged")]) == 0
+    merged = card_of(tmp_path / "merged")
+    assert merged.data.library_name == "transformers" and merged.data.base_model == str(model_dir)
+    assert "merged into its base weights by `tunelab merge`" in merged.text and row in merged.text
+    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path / "merged"}")' in merged.text
+
+    assert main(["export", str(result.run_dir), "--format", "gguf", "--output", str(tmp_path / "m.gguf")]) == 0
+    from huggingface_hub import ModelCard
+
+    exported = ModelCard.load(tmp_path / "m.md")
+    assert "gguf" in exported.data.tags and 'gguf_file="m.gguf"' in exported.text and row in exported.text
+
+
+def test_model_card_of_a_full_reward_model_run(rm_run):
+    result, _ = rm_run
+    card = card_of(result.final_dir)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-classification"
+    assert {"tunelab", "rm", "full-fine-tuning"} <= set(card.data.tags)
+    assert card.data.base_model.endswith("base")
+    source = result.data.sources[0]
+    assert (source.rows, source.train, source.held_out) == (60, 48, 12)
+    assert f"| {source.rows} | {source.train} | {source.held_out} |" in card.text
+    train, held = metrics(result.run_dir)
+    row = next(line for line in card.text.splitlines() if line.startswith("| accuracy |"))
+    assert row == f"| accuracy | {train['accuracy']:.6g} | {held['eval_accuracy']:.6g} |"
+    assert "- **Parameters trained:** full fine-tuning (all weights)" in card.text
+    assert 'pipeline("text-classification"' in card.text
+
+
+def test_hub_named_sources_become_card_datasets():
+    from tunelab.card import hub_dataset
+
+    assert hub_dataset("HuggingFaceH4/ultrafeedback_binarized") == "HuggingFaceH4/ultrafeedback_binarized"
+    assert hub_dataset("/data/train.jsonl") is None and hub_dataset("./a/b/c.jsonl") is None

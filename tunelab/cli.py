@@ -551,11 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model",
-                           description="Merge a LoRA adapter (a run directory or its final/) into its base model "
-                           "and write a standalone Hugging Face model: safetensors weights, tokenizer and "
-                           "generation config, loadable with AutoModelFor*.from_pretrained. --output must lie "
+                           description="Merge a LoRA adapter (a run directory, its final/ or a checkpoint "
+                           "checkpoints/step-N) into its base model "
+                           "and write a standalone Hugging Face model: "
+                           "safetensors weights, tokenizer, generation config (stopping at the chat's end-of-turn "
+                           "token) and the run's model card, loadable with AutoModelFor*.from_pretrained. --output must lie "
                            "outside the run, the adapter and its base model.")
-    merge.add_argument("adapter", help="run directory or adapter directory")
+    merge.add_argument("adapter", help="run directory, checkpoint directory or adapter directory")
     merge.add_argument("--output", required=True, help="directory for the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace what --output holds even when it is not "
                        "an earlier merge (an earlier merge's folder is replaced without it)")
@@ -564,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a model, run or LoRA adapter as a GGUF file for llama.cpp",
                             description="Export a causal LM (Llama/SmolLM, Mistral, Qwen2, Qwen3) to one GGUF file in "
                             "llama.cpp's layout, which transformers also loads (from_pretrained(dir, gguf_file=...)): "
-                            "a run directory (its final/), a LoRA adapter (merged into its base first) or a model "
-                            "directory. The file "
+                            "a run directory (its final/), a checkpoint (its model/), a LoRA adapter (merged into its "
+                            "base first) or a model directory. The run's model card goes beside the file "
+                            "(model.gguf -> model.md). The file "
                             "holds the weights (--dtype f32, f16 or q8_0 for the matrices; norms stay float32), the "
                             "model's shape and the tokenizer with its chat template. Prints the file's path.")
     export.add_argument("run", help="run directory, LoRA adapter directory or model directory")

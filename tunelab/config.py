@@ -93,7 +93,8 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     save_every: int = Field(
         0, ge=0, description="checkpoint every N steps, and once more at the end (0: no checkpoints, only final/; "
-        "a run killed before final/ then cannot be resumed, while Ctrl-C or SIGTERM still write one)")
+        "a run killed before final/ then cannot be resumed, while Ctrl-C or SIGTERM still write one); each "
+        "checkpoint's model/ loads like final/")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
     report: bool = Field(True, description="write plots/ and report.md into the run directory at the end")

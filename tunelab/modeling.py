@@ -225,6 +225,9 @@ def save_pretrained(model: nn.Module, tokenizer, directory: Path, state_dict: di
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(directory)
     save_generation_config(model, tokenizer, Path(directory))
+    readme = Path(directory) / "README.md"
+    if readme.is_file() and "[More Information Needed]" in readme.read_text(errors="replace"):
+        readme.unlink()  # peft's blank template: final/ gets the run's card instead (tunelab.card)
 
 
 def save_generation_config(model: nn.Module, tokenizer, directory: Path) -> None:
@@ -422,6 +425,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, overwrite: bool = False) ->
     with atomic_dir(Path(output_dir)) as tmp:
         save_pretrained(model, tokenizer, tmp)
         (tmp / MERGE_MARK).write_text(json.dumps({"adapter": str(path.resolve()), "base": base}) + "\n")
+        from tunelab.card import carry_card
+
+        carry_card(path, tmp / "README.md", library="transformers", folder=str(output_dir),
+                   note=f"This is the LoRA adapter `{path}` merged into its base weights by `tunelab merge`: a "
+                   "standalone model.")
     return Path(output_dir)
 
 

@@ -176,8 +176,10 @@ def model_export(model, tokenizer):
     return export
 
 
-def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -> Path:
-    """Save the trained model (or adapter) and tokenizer to final/, atomically.
+def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None, config: RecipeConfig | None = None,
+                data: TokenizedData | None = None) -> Path:
+    """Save the trained model (or adapter) and tokenizer to final/, atomically, with the run's model card
+    (README.md, from `config`, `data` and metrics.jsonl) when `config` is given.
 
     `whole` is the prepared module holding `model` (sharded under FSDP2 or ZeRO-3): every process joins
     in gathering its parameters, and the main process writes.
@@ -190,6 +192,10 @@ def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -
         try:
             with atomic_dir(run.final, manifest=True) as tmp:
                 save_pretrained(model, tokenizer, tmp, state_dict=state)
+                if config is not None:
+                    from tunelab.card import write_run_card
+
+                    write_run_card(tmp, config, data, run.metrics, run.final)
                 pause.at("final")
         except OSError as exc:
             needed = state_bytes(state if state is not None else model.state_dict())

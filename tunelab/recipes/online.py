@@ -301,7 +301,8 @@ class OnlineLoop:
 
     def finish(self):
         """Write final/ (the policy) and the report; returns final/'s path."""
-        final = write_final(self.prepared.run, self.prepared.model, self.prepared.tokenizer, whole=self.raw)
+        final = write_final(self.prepared.run, self.prepared.model, self.prepared.tokenizer, whole=self.raw,
+                            config=self.config, data=self.prepared.data)
         if self.accelerator.is_main_process:
             report_at_end(self.prepared.run.path, self.config.train.report)
         return final
