@@ -232,7 +232,8 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_last_goo
 
 def test_a_full_disk_while_writing_final_leaves_no_final(world, tmp_path, monkeypatch):
     model, data = world
-    monkeypatch.setattr(common_module, "save_pretrained", _no_space_on(1, common_module.save_pretrained))
+    # the two checkpoints save their model/ first: call 3 is final/'s
+    monkeypatch.setattr(common_module, "save_pretrained", _no_space_on(3, common_module.save_pretrained))
     with pytest.raises(RunDirError, match=r"no space left on the device while writing final/: it needs about .* "
                                           r"the last good checkpoint .*step-4 is intact"):
         run_sft(sft_config(model, data, tmp_path / "run", **TRAIN), quiet=True)

@@ -16,8 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from tunelab import __version__
 from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RLOOConfig, RMConfig,
-                            SFTConfig, build_config, describe_fields)
+                            SFTConfig, build_config, describe_fields, lr_default_text)
 
 EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
@@ -75,7 +76,9 @@ def _number(*, at_least: float | None = None, above: float | None = None, at_mos
     return parse
 
 
-def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[str, ...]) -> None:
+def _add_recipe_flags(parser: argparse.ArgumentParser, cls, *, peft_choices: tuple[str, ...]) -> None:
+    """The flags every training verb has; their help says what they mean in recipe `cls`."""
+    notes, train = cls.key_help, cls.model_fields["train"].default_factory()
     parser.add_argument("--model", help="base model: a local directory or a hub name (model.name_or_path)")
     parser.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]",
                         help="training data: .jsonl/.json/.csv/.parquet, a saved datasets directory or a hub "
@@ -83,10 +86,14 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[st
                              "rows) (data.sources)")
     parser.add_argument("--output", help="run directory to create (output)")
     parser.add_argument("--config", help="YAML file with config keys (see below)")
-    parser.add_argument("--max-steps", type=_count(1), help="stop after N optimizer steps (train.max_steps)")
-    parser.add_argument("--epochs", type=_number(above=0), help="passes over the data (train.epochs)")
-    parser.add_argument("--lr", type=_number(above=0), help="peak learning rate (train.lr)")
-    parser.add_argument("--batch-size", type=_count(1), help="examples per micro-batch (train.batch_size)")
+    parser.add_argument("--max-steps", type=_count(1), help=notes.get("train.max_steps", "stop after N optimizer "
+                        "steps (null: train.epochs passes over the data)") + " (train.max_steps)")
+    parser.add_argument("--epochs", type=_number(above=0), help=notes.get("train.epochs", "passes over the data")
+                        + f" (train.epochs; default {train.epochs:g})")
+    parser.add_argument("--lr", type=_number(above=0),
+                        help=f"peak learning rate (train.lr; default {lr_default_text(cls)})")
+    parser.add_argument("--batch-size", type=_count(1), help=notes.get("train.batch_size", "examples per "
+                        "micro-batch") + f" (train.batch_size; default {train.batch_size})")
     parser.add_argument("--peft", choices=peft_choices, help="parameters to train (peft); default lora")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
@@ -324,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "SFT, reward modeling, DPO and its reference-free and unpaired kin (SimPO, "
                                      "ORPO, KTO), RLHF with PPO, critic-free RL (GRPO, RLOO), contrastive "
                                      "embeddings, and human preference labeling.")
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}",
+                        help="print tunelab's version and exit")
     parser.add_argument("--debug", action="store_true", help="on an error, print the Python traceback as well as "
                         "the one-line message (also: TUNELAB_DEBUG=1); accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -334,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "token), prompt/completion, alpaca (instruction, input, output) or chat messages "
                          "(loss on assistant turns); the loss covers completions only unless "
                          "data.train_on_prompt=true.", epilog=_keys_epilog(SFTConfig), formatter_class=formatter)
-    _add_recipe_flags(sft, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(sft, SFTConfig, peft_choices=PEFT_CHOICES)
     sft.set_defaults(func=cmd_sft)
 
     rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
@@ -345,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reward.center_coef * mean((r_chosen + r_rejected)^2). With LoRA the score head trains "
                         "in full. Pairs that are empty or identical are dropped and counted.",
                         epilog=_keys_epilog(RMConfig), formatter_class=formatter)
-    _add_recipe_flags(rm, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(rm, RMConfig, peft_choices=PEFT_CHOICES)
     rm.set_defaults(func=cmd_rm)
 
     dpo = sub.add_parser("dpo", help="direct preference optimization on preference pairs (no reward model)",
@@ -362,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "sigmoid(log odds(chosen) - log odds(rejected)), odds of the per-token mean "
                          "probability; beta is its lambda, default 0.1).",
                          epilog=_keys_epilog(DPOConfig), formatter_class=formatter)
-    _add_recipe_flags(dpo, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(dpo, DPOConfig, peft_choices=PEFT_CHOICES)
     dpo.add_argument("--ref", help="reference model (default: the starting model --model; not with simpo or "
                      "orpo) (ref)")
     dpo.set_defaults(func=cmd_dpo)
@@ -381,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--ref. Logged: loss, rewards of desirable and undesirable rows, kl (z0), and on held-out "
                          "pairs reward accuracy and margin.",
                          epilog=_keys_epilog(KTOConfig), formatter_class=formatter)
-    _add_recipe_flags(kto, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(kto, KTOConfig, peft_choices=PEFT_CHOICES)
     kto.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
     kto.set_defaults(func=cmd_kto)
 
@@ -393,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and runs ppo.epochs of clipped policy and value updates. --max-steps is the number of "
                          "iterations. With LoRA one base model serves policy, value head and reference.",
                          epilog=_keys_epilog(PPOConfig), formatter_class=formatter)
-    _add_recipe_flags(ppo, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(ppo, PPOConfig, peft_choices=PEFT_CHOICES)
     ppo.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                      "module:function (reward.source)")
     ppo.set_defaults(func=cmd_ppo)
@@ -419,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "reward as -rl.kl_coef x the response's summed log-ratio (rl.kl=reward, the default), a "
                           "k3 term in the loss (rl.kl=loss), or off (rl.kl=off: no reference loaded).",
                           epilog=_keys_epilog(RLOOConfig), formatter_class=formatter)
-    for parser_, command in ((grpo, cmd_grpo), (rloo, cmd_rloo)):
-        _add_recipe_flags(parser_, peft_choices=PEFT_CHOICES)
+    for parser_, command, cls in ((grpo, cmd_grpo, GRPOConfig), (rloo, cmd_rloo, RLOOConfig)):
+        _add_recipe_flags(parser_, cls, peft_choices=PEFT_CHOICES)
         parser_.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                              "module:function (reward.source)")
         parser_.set_defaults(func=command)
@@ -440,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same gradient with the activations of N texts (one process only). Held-out accuracy@1, recall@k and "
         "MRR are logged before and after. final/ loads with transformers AutoModel (LoRA merged in) and, for an "
         "encoder, as a SentenceTransformer.", epilog=_keys_epilog(ContrastiveConfig), formatter_class=formatter)
-    _add_recipe_flags(contrastive, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(contrastive, ContrastiveConfig, peft_choices=PEFT_CHOICES)
     contrastive.set_defaults(func=cmd_contrastive)
 
     embed = sub.add_parser("embed", help="write one embedding per text of a file (.npy, .jsonl or .parquet)",
@@ -542,11 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model",
-                           description="Merge a LoRA adapter (a run directory or its final/) into its base model "
-                           "and write a standalone Hugging Face model: safetensors weights, tokenizer and "
-                           "generation config, loadable with AutoModelFor*.from_pretrained. --output must lie "
+                           description="Merge a LoRA adapter (a run directory, its final/ or a checkpoint "
+                           "checkpoints/step-N) into its base model "
+                           "and write a standalone Hugging Face model: "
+                           "safetensors weights, tokenizer, generation config (stopping at the chat's end-of-turn "
+                           "token) and the run's model card, loadable with AutoModelFor*.from_pretrained. --output must lie "
                            "outside the run, the adapter and its base model.")
-    merge.add_argument("adapter", help="run directory or adapter directory")
+    merge.add_argument("adapter", help="run directory, checkpoint directory or adapter directory")
     merge.add_argument("--output", required=True, help="directory for the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace what --output holds even when it is not "
                        "an earlier merge (an earlier merge's folder is replaced without it)")
@@ -555,8 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a model, run or LoRA adapter as a GGUF file for llama.cpp",
                             description="Export a causal LM (Llama/SmolLM, Mistral, Qwen2, Qwen3) to one GGUF file in "
                             "llama.cpp's layout, which transformers also loads (from_pretrained(dir, gguf_file=...)): "
-                            "a run directory (its final/), a LoRA adapter (merged into its base first) or a model "
-                            "directory. The file "
+                            "a run directory (its final/), a checkpoint (its model/), a LoRA adapter (merged into its "
+                            "base first) or a model directory. The run's model card goes beside the file "
+                            "(model.gguf -> model.md). The file "
                             "holds the weights (--dtype f32, f16 or q8_0 for the matrices; norms stay float32), the "
                             "model's shape and the tokenizer with its chat template. Prints the file's path.")
     export.add_argument("run", help="run directory, LoRA adapter directory or model directory")

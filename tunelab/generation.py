@@ -73,8 +73,11 @@ def _prompt_row(example: Example, tokenizer, chat_template: str | None) -> Promp
 
 
 def resolve_model_dir(path: str) -> str:
-    """A run directory stands for its final/ model."""
-    return str(Path(path) / "final") if (Path(path) / "final").is_dir() else path
+    """A run directory stands for its final/ model, a checkpoint for its model/."""
+    for inner in ("final", "model"):
+        if (Path(path) / inner).is_dir():
+            return str(Path(path) / inner)
+    return path
 
 
 def generate_file(model_path: str, prompts_path: str, output: str | None, options: GenerationOptions) -> int:

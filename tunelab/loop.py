@@ -236,7 +236,7 @@ def describe_batch(world: int, batch_size: int, grad_accum: int) -> str:
 def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
           collate: Callable[[list[int]], Batch | list[Batch]], eval_batches: list[Batch], config: TrainConfig, lr: float,
           run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train",
-          prepare_step: PrepareStepFn | None = None) -> TrainResult:
+          prepare_step: PrepareStepFn | None = None, export=None) -> TrainResult:
     """Optimize the trainable parameters of `module`; see the module docstring for the contract.
 
     `prepare_step(module, [(batch, weight), ...], device)`, when given, runs once per optimizer step before
@@ -305,7 +305,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     def checkpoint_now():
         check_weights(raw_module, step, run)
         return save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
-                               config.keep_last, engine=module if deepspeed else None)
+                               config.keep_last, engine=module if deepspeed else None,
+                               export=(lambda: export(module)) if export is not None else None)
 
     def run_eval() -> dict[str, float]:
         if not eval_batches:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from tunelab.eos import stop_token_ids
+
 
 def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """Prompts tokenized and left-padded, so that every row's new tokens start at the same position."""
@@ -104,13 +106,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
     was_training = model.training
     model.eval()
     options = decoding_options(temperature, top_k, top_p, num_beams)
+    stops = stop_token_ids(tokenizer)  # EOS and the chat template's end-of-turn token, as saved models carry
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
             encoded = left_padded(tokenizer, prompts[start:start + batch_size], device)
             new = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+                                 eos_token_id=stops, streamer=streamer,
                                  **reserved_cache(model, max_new_tokens, num_beams),
                                  **options)[:, encoded["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -131,13 +134,16 @@ class LengthSampler:
         return rng.randint(self.low, self.high)
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which generated tokens belong to the response: everything up to and including the first EOS.
+def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which generated tokens belong to the response: everything up to and including the first stop token
+    (`eos_token_id`: one id or several, such as EOS and the chat's end-of-turn token).
 
     Decided by position, not by token id, so padding that reuses the EOS id is never mistaken for
-    content. `response_ids`: `[B, R]`. Returns (mask `[B, R]`, ended `[B]` = an EOS was emitted).
+    content. `response_ids`: `[B, R]`. Returns (mask `[B, R]`, ended `[B]` = a stop token was emitted).
     """
-    is_eos = response_ids == eos_token_id
+    stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                         device=response_ids.device)
+    is_eos = torch.isin(response_ids, stops)
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS tokens strictly before t
     return (eos_before == 0).long(), is_eos.any(dim=1)
 
@@ -175,7 +181,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
     try:
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                 repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, **reserved_cache(model, max_new_tokens),
+                                eos_token_id=stop_token_ids(tokenizer), **reserved_cache(model, max_new_tokens),
                                 **sampling)
     finally:
         model.train(was_training)
@@ -184,8 +190,9 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
 
 def rollout_from(encoded: dict[str, torch.Tensor], response: torch.Tensor, tokenizer, prompts: list[str]) -> Rollout:
     """The `Rollout` of left-padded prompts `encoded` and the tokens generated after them `[B, R]`:
-    everything after a row's first EOS becomes padding, and the responses are decoded."""
-    mask, ended = response_mask(response, tokenizer.eos_token_id)
+    everything after a row's first stop token (EOS or end of turn) becomes padding, and the responses are
+    decoded."""
+    mask, ended = response_mask(response, stop_token_ids(tokenizer))
     response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     prompt_mask = encoded["attention_mask"]
