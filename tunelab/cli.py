@@ -239,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from tunelab.checkpoint import atomic_write_text
-    from tunelab.evaluate import markdown_table, run_eval
+    from tunelab.evaluation import markdown_table, run_eval
     from tunelab.safety import check_output_file
 
     paths = eval_output_paths(args.output) if args.output else {}
