@@ -170,7 +170,7 @@ def recipe_config(command: str, cls: type[BaseModel], arguments: dict[str, Any])
     yaml_path = None
     if isinstance(base, BaseModel):
         if type(base) is not cls:
-            raise ConfigError(f"tunelab.{command}(): config= is a {type(base).__name__}; {command} takes a "
+            raise ConfigError(f"tunelab.{command}(): config= is a {type(base).__name__}; {command} takes "
                               f"{cls.__name__}, a dict of config keys or a YAML file")
         for key, value in _flatten(base.model_dump()).items():
             _put(settings, key, value, "in config=")
