@@ -18,6 +18,7 @@ import yaml
 import tunelab
 from tests.helpers import instruction_rows, make_tiny_model_dir, max_weight_diff, write_jsonl
 from tests.recipes.test_reward import review_pairs
+from tests.test_contrastive import retrieval_rows
 from tunelab import ConfigError, DataError
 from tunelab.cli import _recipe_config, main
 
@@ -38,6 +39,7 @@ def world(tmp_path_factory):
         root=root, model=make_tiny_model_dir(root / "model"),
         sft=write_jsonl(root / "sft.jsonl", instruction_rows(40)),
         pairs=write_jsonl(root / "pairs.jsonl", review_pairs(24)),
+        texts=write_jsonl(root / "texts.jsonl", retrieval_rows(6, 4)),
         prompts=write_jsonl(root / "prompts.jsonl", prompts),
         eval=write_jsonl(root / "eval.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
                                                for r in review_pairs(4, seed=1)]))
@@ -109,13 +111,14 @@ def test_notebook_flow_sft_merge_dpo_evaluate(world, tmp_path):
     assert all(isinstance(v, (int, float)) for v in scores.values())
 
 
-@pytest.mark.parametrize("recipe, extra", [
-    ("rm", {"peft": "none"}),
-    ("kto", {"kto": {"beta": 0.2}}),
+@pytest.mark.parametrize("recipe, data, extra", [
+    ("rm", "pairs", {"peft": "none"}),
+    ("kto", "pairs", {"kto": {"beta": 0.2}}),
+    ("contrastive", "texts", {"data.eval_fraction": 0.25, "contrastive": {"temperature": 0.1}}),
 ])
-def test_preference_recipes(world, tmp_path, recipe, extra):
-    result = getattr(tunelab, recipe)(model=world.model, data=world.pairs, output=tmp_path / recipe, max_steps=2,
-                                      batch_size=4, lr=1e-3, quiet=True, **extra, **FAST)
+def test_offline_recipes(world, tmp_path, recipe, data, extra):
+    result = getattr(tunelab, recipe)(model=world.model, data=getattr(world, data), output=tmp_path / recipe,
+                                      max_steps=2, batch_size=4, lr=1e-3, quiet=True, **extra, **FAST)
     check_run(result, tmp_path / recipe, recipe, 2)
     assert "loss" in result.metrics and result.eval_metrics
 

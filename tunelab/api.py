@@ -71,17 +71,19 @@ class RunResult:
 
 
 @functools.lru_cache(maxsize=None)
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    """The parser of each `tunelab COMMAND`: the API reads its flags, types, defaults and help from there."""
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def command_flags(command: str) -> dict[str, argparse.Action]:
     """The flags (and positional arguments) of `tunelab COMMAND`, by their Python name (`max_steps`)."""
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in commands.choices[command]._actions if a.dest != "help"}
+    return {a.dest: a for a in _commands()[command]._actions if a.dest != "help"}
 
 
 def _description(command: str) -> str:
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices[command].description or ""
+    return _commands()[command].description or ""
 
 
 def _plain(value: Any) -> Any:
@@ -142,8 +144,7 @@ def _unknown(command: str, name: str, known: list[str], cls: type[BaseModel] | N
     leaves = [key for key in keys if key.rsplit(".", 1)[-1] == name]
     hint = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if leaves:  # a config key given without its section, e.g. grad_accum=2 for train.grad_accum
-        section, leaf = leaves[0].rsplit(".", 1)
-        top = section.split(".")[0]
+        top = leaves[0].split(".")[0]
         return ConfigError(f"{message}: it is the config key '{leaves[0]}' (pass {top}={{...}} or "
                            f"**{{'{leaves[0]}': ...}})")
     if hint:
