@@ -194,6 +194,8 @@ def test_bad_settings_raise_the_commands_errors_and_never_exit(world, tmp_path):
         tunelab.sft(**common, train={"lr": -1})
     with pytest.raises(ConfigError, match=r"config= is a DPOConfig; sft takes SFTConfig, a dict"):
         tunelab.sft(config=tunelab.api.DPOConfig())
+    with pytest.raises(ConfigError, match=r"tunelab\.sft\(\) needs output="):
+        tunelab.sft(model=world.model, data=world.sft)
     with pytest.raises(DataError, match="data file not found"):
         tunelab.sft(model=world.model, data=tmp_path / "missing.jsonl", output=out)
     assert not out.exists()  # the failed start left nothing behind

@@ -209,7 +209,10 @@ def recipe_config(command: str, cls: type[BaseModel], arguments: dict[str, Any])
                 _put(settings, key, leaf, f"from argument {name}=")
         else:
             _put(settings, name, value, f"from argument '{name}'" if "." in name else f"from argument {name}=")
-    return build_config(cls, yaml_path=yaml_path, settings=settings, overrides=overrides), options
+    config = build_config(cls, yaml_path=yaml_path, settings=settings, overrides=overrides)
+    if not config.output:
+        raise ConfigError(f"tunelab.{command}() needs output= (the run folder to write)")
+    return config, options
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
