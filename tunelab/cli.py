@@ -9,7 +9,6 @@ and `key=value` overrides reach every field of the config (see each verb's --hel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -120,37 +119,15 @@ def _recipe_config(cls, args: argparse.Namespace):
 def _recipe_command(cls, module: str, function: str):
     """The command of a training recipe: build its config from the flags, run it, print final/."""
     def command(args: argparse.Namespace) -> int:
-        import importlib
-
         from tunelab.distributed import is_main
+        from tunelab.runner import run_recipe
 
-        run = getattr(importlib.import_module(module), function)
-        config = _recipe_config(cls, args)
-        output = Path(config.output) if config.output else None
-        fresh = output is not None and not args.resume and not (output.is_dir() and any(output.iterdir()))
-        try:
-            result = run(config, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
-                         quiet=args.quiet)
-        except BaseException:
-            if fresh and is_main():
-                remove_unstarted_run(output)
-            raise
+        result = run_recipe(module, function, _recipe_config(cls, args), resume=args.resume,
+                            overwrite=args.overwrite, allow_changes=args.allow_changes, quiet=args.quiet)
         if is_main():
             print(result.final_dir)
         return 0
     return command
-
-
-def remove_unstarted_run(folder: Path) -> None:
-    """Remove the config.yaml of a new run that failed before its first step (nothing else written), so that the
-    corrected command starts without --overwrite; the folder goes too when that leaves it empty. Called only
-    for a folder that was absent or empty before the run."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    if [p.name for p in entries] != ["config.yaml"]:
-        return
-    entries[0].unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
 
 
 cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")
@@ -243,10 +220,7 @@ def eval_output_paths(output: str) -> dict[str, Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from tunelab.checkpoint import atomic_write_text
-    from tunelab.evaluate import markdown_table, run_eval
+    from tunelab.evaluation import markdown_table, run_eval, save_eval
     from tunelab.safety import check_output_file
 
     paths = eval_output_paths(args.output) if args.output else {}
@@ -258,9 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = markdown_table({Path(args.model).name or args.model: results})
     print(table)
     if paths:
-        atomic_write_text(paths["results"], json.dumps(results, indent=2) + "\n")
-        atomic_write_text(paths["table"], table + "\n")
-        atomic_write_text(paths["generations"], "".join(json.dumps(g) + "\n" for g in generations))
+        save_eval(paths, results, generations, table)
         print(f"results -> {paths['results']} (table {paths['table']}, generations {paths['generations']})",
               file=sys.stderr)
     return 0

@@ -508,11 +508,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: dict[str, Any] | None = None,
-                 overrides: list[str] | None = None) -> Any:
+                 overrides: list[str] | None = None, settings: dict[str, tuple[Any, str]] | None = None) -> Any:
     """Build a config of type `cls` from defaults, a YAML file, CLI flag values and `key=value` overrides.
 
-    `flags` maps dotted keys to values; `None` values are skipped (the flag was not given).
-    Raises ConfigError naming the key, its source and what was expected.
+    `flags` maps dotted keys to values; `None` values are skipped (the flag was not given). `settings` (the
+    Python API's arguments) maps dotted keys to `(value, where it was set)`, applied after the flags and before
+    the overrides, `None` included (it means null). Raises ConfigError naming the key, its source and what
+    was expected.
     """
     tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -537,6 +539,9 @@ def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: d
         if value is not None:
             _set_dotted(tree, key, value)
             origins[key] = f"from flag for {key}"
+    for key, (value, where) in (settings or {}).items():
+        _set_dotted(tree, key, value)
+        origins[key] = where
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -80,14 +80,18 @@ def resolve_model_dir(path: str) -> str:
     return path
 
 
-def generate_file(model_path: str, prompts_path: str, output: str | None, options: GenerationOptions) -> int:
-    """Generate a response for every prompt row; write JSONL {prompt, response} to `output` or stdout."""
-    examples = prompt_examples(prompts_path)
+def generate_rows(model_path: str, examples: list[Example], options: GenerationOptions) -> list[dict]:
+    """A `{prompt, response}` row for every prompt of `examples` (as `prompt_examples` reads them), in order."""
     model, tokenizer = load_for_inference(resolve_model_dir(model_path))
     rows = prompt_rows(examples, tokenizer)
     responses = generate(model, tokenizer, [r.prompt for r in rows], **asdict(options))
-    lines = "".join(json.dumps({"prompt": r.prompt, "response": text}) + "\n" for r, text in zip(rows, responses))
-    write_output(lines, output)
+    return [{"prompt": r.prompt, "response": text} for r, text in zip(rows, responses)]
+
+
+def generate_file(model_path: str, prompts_path: str, output: str | None, options: GenerationOptions) -> int:
+    """Generate a response for every prompt row; write JSONL {prompt, response} to `output` or stdout."""
+    rows = generate_rows(model_path, prompt_examples(prompts_path), options)  # the prompts are read first
+    write_output("".join(json.dumps(row) + "\n" for row in rows), output)
     return len(rows)
 
 

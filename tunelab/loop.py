@@ -68,15 +68,22 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (its stderr is no terminal, yet it draws tqdm.auto's widget)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a kernel has always imported it
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 class Progress:
-    """A progress bar on a terminal; plain log lines otherwise (or with quiet). Silent on all but the main
-    process, so N processes show one bar."""
+    """A progress bar on a terminal or in a notebook; plain log lines otherwise (or with quiet). Silent on all
+    but the main process, so N processes show one bar."""
 
     def __init__(self, total: int, initial: int, quiet: bool, log_every: int, desc: str):
         self.log_every, self.total = log_every, total
         self.bar = None
         self.silent = not distributed.is_main()
-        if not quiet and not self.silent and sys.stderr.isatty():
+        if not quiet and not self.silent and (sys.stderr.isatty() or in_notebook()):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
