@@ -167,7 +167,7 @@ def test_unknown_key_from_yaml_suggests_and_names_file(tmp_path):
 def test_unknown_key_without_a_close_match_lists_known_keys():
     msg = config_error(overrides=["data.banana=1"])
     assert msg == ("unknown config key 'data.banana' (from override 'data.banana=1'); known keys here: "
-                   "data.sources, data.max_length, data.overlong, data.train_on_prompt, data.eval_fraction, "
+                   "data.sources, data.eval_sources, data.columns, data.max_length, data.overlong, data.train_on_prompt, data.eval_fraction, "
                    "data.eval_max_rows, data.chat_template")
 
 
@@ -229,7 +229,7 @@ def test_unknown_source_format_name(tmp_path):
     path = write_yaml(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n      format: xml\n")
     assert config_error(yaml_path=str(path)) == (
         f"config value 'data.sources.0.format' (in {path}): Input should be 'auto', 'text', 'prompt_completion', "
-        "'alpaca', 'messages', 'preference' or 'prompt' (got 'xml')")
+        "'alpaca', 'messages', 'sharegpt', 'preference' or 'prompt' (got 'xml')")
 
 
 def test_bad_flag_value_names_the_flag():

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
-from tunelab.config import DataConfig
-from tunelab.data.formats import Example, to_examples
+from tunelab.config import DataConfig, DataSource
+from tunelab.data.formats import Example, SourceReading, read_source
 from tunelab.data.load import DataError, load_rows
 from tunelab.data.templates import Rendered, fit_length, has_content, render_example
 
@@ -35,6 +35,9 @@ class SourceSummary:
     dropped_skip: int = 0
     train: int = 0
     held_out: int = 0
+    role: str = "train"  # or "eval": a held-out source (data.eval_sources)
+    reading: str = ""  # how its rows were read: format, columns read and mapped, known columns not read
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def per_epoch(self) -> int:
@@ -49,9 +52,11 @@ class SourceSummary:
         return text
 
     def line(self) -> str:
-        return (f"{self.path} [{self.format}]: {self.rows} rows, {self.kept} kept ({self.truncated} truncated), "
-                f"{self.drops()}; {self.train} train / {self.held_out} held out; weight {self.weight:g} -> "
-                f"{self.per_epoch} rows per epoch")
+        head = f"{self.path} [{self.format}]: {self.rows} rows, {self.kept} kept ({self.truncated} truncated), "
+        if self.role == "eval":
+            return head + f"{self.drops()}; {self.held_out} held out (eval data)"
+        return head + (f"{self.drops()}; {self.train} train / {self.held_out} held out; weight {self.weight:g} -> "
+                       f"{self.per_epoch} rows per epoch")
 
 
 @dataclass
@@ -71,7 +76,8 @@ class TokenizedData(Generic[Item]):
         return [s.weight for s in self.sources]
 
     def summary_lines(self) -> list[str]:
-        return [s.line() for s in self.sources]
+        """One line per source, then a `warning:` line for each thing a source's reading left out."""
+        return [s.line() for s in self.sources] + [f"warning: {w}" for s in self.sources for w in s.warnings]
 
 
 def split_held_out(n: int, fraction: float, cap: int, seed: int, key: str) -> set[int]:
@@ -82,33 +88,54 @@ def split_held_out(n: int, fraction: float, cap: int, seed: int, key: str) -> se
     return set(random.Random(f"{seed}-heldout-{key}").sample(range(n), count))
 
 
+def read_examples(source: DataSource, config: DataConfig, formats: tuple[str, ...], purpose: str) -> SourceReading:
+    """Load and validate one source (its column mapping over data.columns; detection preferring `formats`);
+    a source of a kind `purpose` cannot use is a DataError."""
+    reading = read_source(load_rows(source.path, source.split), source.format, source.path,
+                          columns={**config.columns, **source.columns}, prefer=formats)
+    if reading.kind not in formats:
+        raise DataError(f"{source.path}: rows are '{reading.format}' data, which {purpose} cannot use; expected "
+                        f"{' or '.join(formats)} rows")
+    return reading
+
+
+def render_source(source: DataSource, config: DataConfig, render: Callable[[Example], tuple[Item | None, str]],
+                  formats: tuple[str, ...], purpose: str) -> tuple[SourceSummary, list[Item]]:
+    """One source's usable items and its summary (drops counted, how it was read noted)."""
+    reading = read_examples(source, config, formats, purpose)
+    summary = SourceSummary(source.path, reading.format, source.weight, rows=len(reading.examples),
+                            reading=reading.describe())
+    warning = reading.warning(source.path)
+    summary.warnings += [warning] if warning else []
+    kept: list[Item] = []
+    for example in reading.examples:
+        item, status = render(example)
+        if item is None:
+            setattr(summary, status, getattr(summary, status) + 1)
+            continue
+        summary.truncated += status == "truncated"
+        kept.append(item)
+    return summary, kept
+
+
 def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | None, str]],
                  formats: tuple[str, ...], purpose: str, seed: int = 0) -> TokenizedData[Item]:
-    """Load, validate, render and split every source.
+    """Load, validate, render and split every source; data.eval_sources, when given, are the held-out rows.
 
     `render` turns an example into an item and a status (kept, truncated, or dropped_long /
-    dropped_empty / dropped_identical with None). `formats` are the row formats `purpose` accepts.
-    Raises DataError on malformed input, on a source of the wrong format, and when a source has no
-    usable rows.
+    dropped_empty / dropped_identical with None). `formats` are the row kinds `purpose` accepts (format
+    detection prefers them). Raises DataError on malformed input, on a source of the wrong format, and
+    when a source has no usable rows.
     """
     if not config.sources:
         raise DataError("no training data given: pass --data PATH (or set data.sources in the config)")
     data: TokenizedData[Item] = TokenizedData()
     for index, source in enumerate(config.sources):
-        fmt, examples = to_examples(load_rows(source.path, source.split), source.format, source.path)
-        if fmt not in formats:
-            raise DataError(f"{source.path}: rows are '{fmt}' data, which {purpose} cannot use; expected "
-                            f"{' or '.join(formats)} rows")
-        summary = SourceSummary(source.path, fmt, source.weight, rows=len(examples))
-        kept: list[Item] = []
-        for example in examples:
-            item, status = render(example)
-            if item is None:
-                setattr(summary, status, getattr(summary, status) + 1)
-                continue
-            summary.truncated += status == "truncated"
-            kept.append(item)
+        summary, kept = render_source(source, config, render, formats, purpose)
         add_source(data, summary, kept, config, seed, index)
+    for source in config.eval_sources:
+        summary, kept = render_source(source, config, render, formats, purpose)
+        add_eval_source(data, summary, kept, config)
     return data
 
 
@@ -121,11 +148,23 @@ def add_source(data: TokenizedData[Item], summary: SourceSummary, kept: list[Ite
     if not kept:
         raise DataError(f"{summary.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
                         f"data.max_length={config.max_length}, overlong={config.overlong})")
-    # keyed by the source's place in the mixture, not its path: the same data held out wherever it lives
-    held = split_held_out(len(kept), config.eval_fraction, config.eval_max_rows, seed, f"source-{index}")
+    # keyed by the source's place in the mixture, not its path: the same data held out wherever it lives;
+    # nothing is held out of the training data when held-out data is given on its own
+    held = set() if config.eval_sources else split_held_out(len(kept), config.eval_fraction, config.eval_max_rows,
+                                                            seed, f"source-{index}")
     data.train.extend(r for i, r in enumerate(kept) if i not in held)
     data.held_out.extend(r for i, r in enumerate(kept) if i in held)
     summary.train, summary.held_out = len(kept) - len(held), len(held)
+    data.sources.append(summary)
+
+
+def add_eval_source(data: TokenizedData[Item], summary: SourceSummary, kept: list[Item], config: DataConfig) -> None:
+    """Add every usable item of a held-out source (data.eval_sources) to `data.held_out`, with its summary."""
+    summary.kept, summary.role, summary.held_out = len(kept), "eval", len(kept)
+    if not kept:
+        raise DataError(f"{summary.path}: none of its {summary.rows} rows is usable ({summary.drops()}; "
+                        f"data.max_length={config.max_length}, overlong={config.overlong})")
+    data.held_out.extend(kept)
     data.sources.append(summary)
 
 
