@@ -485,3 +485,17 @@ def test_chatml_template_renders_plain_conversations_as_before(tokenizer):
     text = tokenizer.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=False,
                                          add_generation_prompt=True)
     assert text == "<|im_start|>system\nS<|im_end|>\n" + user("U") + assistant("A") + "<|im_start|>assistant\n"
+
+
+def test_generate_reads_prompts_and_references_from_trl_and_sharegpt_rows(tmp_path, tokenizer):
+    from tunelab.generation import prompt_rows
+
+    trl = write_jsonl(tmp_path / "pc.jsonl", [TRL_PROMPT_COMPLETION_ROW])
+    row = prompt_rows(str(trl), tokenizer)[0]
+    assert row.prompt == ("<|im_start|>system\nAnswer briefly.<|im_end|>\n" + user("What color is the sky?")
+                          + "<|im_start|>assistant\n")
+    assert row.reference == "It is blue."
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [SHAREGPT_ROW])
+    row = prompt_rows(str(sharegpt), tokenizer)[0]
+    assert row.reference == "Superb."
+    assert row.prompt.endswith(user("Shorter?") + "<|im_start|>assistant\n")
