@@ -13,9 +13,10 @@ from typing import Callable, Generic, TypeVar
 from tunelab.config import DataConfig, DataSource
 from tunelab.data.formats import Example, SourceReading, read_source
 from tunelab.data.load import DataError, load_rows
-from tunelab.data.templates import Rendered, fit_length, has_content, render_example
+from tunelab.data.templates import Rendered, fit_length, has_content, render_examples
 
 Item = TypeVar("Item")
+RENDER_CHUNK = 512  # rows rendered together: one batched tokenizer call each
 
 
 @dataclass
@@ -99,17 +100,26 @@ def read_examples(source: DataSource, config: DataConfig, formats: tuple[str, ..
     return reading
 
 
-def render_source(source: DataSource, config: DataConfig, render: Callable[[Example], tuple[Item | None, str]],
-                  formats: tuple[str, ...], purpose: str) -> tuple[SourceSummary, list[Item]]:
-    """One source's usable items and its summary (drops counted, how it was read noted)."""
+Render = Callable[[list[Example]], list[tuple[Item | None, str]]]
+
+
+def one_by_one(render: Callable[[Example], tuple[Item | None, str]]) -> Render:
+    return lambda examples: [render(example) for example in examples]
+
+
+def render_source(source: DataSource, config: DataConfig, render: Render, formats: tuple[str, ...],
+                  purpose: str) -> tuple[SourceSummary, list[Item]]:
+    """One source's usable items and its summary (drops counted, how it was read noted); `render` takes a
+    chunk of examples at once."""
     reading = read_examples(source, config, formats, purpose)
     summary = SourceSummary(source.path, reading.format, source.weight, rows=len(reading.examples),
                             reading=reading.describe())
     warning = reading.warning(source.path)
     summary.warnings += [warning] if warning else []
     kept: list[Item] = []
-    for example in reading.examples:
-        item, status = render(example)
+    results = [result for start in range(0, len(reading.examples), RENDER_CHUNK)
+               for result in render(reading.examples[start:start + RENDER_CHUNK])]
+    for item, status in results:
         if item is None:
             setattr(summary, status, getattr(summary, status) + 1)
             continue
@@ -118,23 +128,25 @@ def render_source(source: DataSource, config: DataConfig, render: Callable[[Exam
     return summary, kept
 
 
-def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | None, str]],
-                 formats: tuple[str, ...], purpose: str, seed: int = 0) -> TokenizedData[Item]:
+def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | None, str]] | None,
+                 formats: tuple[str, ...], purpose: str, seed: int = 0,
+                 render_batch: Render | None = None) -> TokenizedData[Item]:
     """Load, validate, render and split every source; data.eval_sources, when given, are the held-out rows.
 
     `render` turns an example into an item and a status (kept, truncated, or dropped_long /
-    dropped_empty / dropped_identical with None). `formats` are the row kinds `purpose` accepts (format
+    dropped_empty / dropped_identical with None); `render_batch`, given instead, does so for a list of them. `formats` are the row kinds `purpose` accepts (format
     detection prefers them). Raises DataError on malformed input, on a source of the wrong format, and
     when a source has no usable rows.
     """
     if not config.sources:
         raise DataError("no training data given: pass --data PATH (or set data.sources in the config)")
+    many = render_batch or one_by_one(render)
     data: TokenizedData[Item] = TokenizedData()
     for index, source in enumerate(config.sources):
-        summary, kept = render_source(source, config, render, formats, purpose)
+        summary, kept = render_source(source, config, many, formats, purpose)
         add_source(data, summary, kept, config, seed, index)
     for source in config.eval_sources:
-        summary, kept = render_source(source, config, render, formats, purpose)
+        summary, kept = render_source(source, config, many, formats, purpose)
         add_eval_source(data, summary, kept, config)
     return data
 
@@ -172,12 +184,13 @@ SFT_FORMATS = ("text", "prompt_completion", "alpaca", "messages")
 
 
 def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[Rendered]:
-    """Tokenized SFT rows (ids + loss mask) of every source, split into train and held out."""
-    def render(example: Example) -> tuple[Rendered | None, str]:
-        if not has_content(example):
-            return None, "dropped_empty"
-        rendered = render_example(example, tokenizer, train_on_prompt=config.train_on_prompt,
-                                  chat_template=config.chat_template)
-        return fit_length(rendered, config.max_length, config.overlong)
+    """Tokenized SFT rows (ids + loss mask) of every source, split into train and held out (rendered in
+    batches: one tokenizer call per chunk of rows)."""
+    def render(examples: list[Example]) -> list[tuple[Rendered | None, str]]:
+        usable = [example for example in examples if has_content(example)]
+        rendered = iter(render_examples(usable, tokenizer, train_on_prompt=config.train_on_prompt,
+                                        chat_template=config.chat_template))
+        return [fit_length(next(rendered), config.max_length, config.overlong) if has_content(example)
+                else (None, "dropped_empty") for example in examples]
 
-    return prepare_data(config, render, SFT_FORMATS, "supervised fine-tuning", seed)
+    return prepare_data(config, None, SFT_FORMATS, "supervised fine-tuning", seed, render_batch=render)

@@ -170,6 +170,58 @@ def _generation_only(tokenizer, template: str, tools: list[dict] | None = None) 
         return ""
 
 
+Segment = tuple[str | None, bool, bool]  # (text, or None for the EOS token; trained; with BOS etc. added)
+
+
+def example_segments(example: Example, tokenizer, chat_template: str | None = None) -> list[Segment]:
+    """The pieces of an SFT example in order, each tokenized on its own: what `render_example` trains on."""
+    if example.format == "text":
+        return [(example.text, True, True), (None, True, False)]
+    if example.format == "messages" or (example.format == "prompt_completion" and (
+            isinstance(example.prompt, list) or isinstance(example.completion, list))):
+        if example.format == "messages":
+            messages, trained_from = example.messages, 0
+        else:  # trained on the completion's assistant turns only
+            prompt = as_messages(example.prompt, "user")
+            messages, trained_from = prompt + as_messages(example.completion, "assistant"), len(prompt)
+        template = require_chat_template(tokenizer, chat_template, example.where)
+        return [(text, trained, False) for text, trained in
+                _conversation_segments(messages, tokenizer, template, example.where, trained_from, example.tools)]
+    if example.format in ("prompt_completion", "alpaca"):
+        return [(example.prompt, False, True), (example.completion, True, False), (None, True, False)]
+    raise DataError(f"{example.where}: '{example.format}' rows cannot be used for supervised fine-tuning; "
+                    "use prompt/completion, alpaca, messages or text rows")
+
+
+def render_examples(examples: list[Example], tokenizer, *, train_on_prompt: bool = False,
+                    chat_template: str | None = None) -> list[Rendered]:
+    """`render_example` for many examples at once: every piece of every example is tokenized in one batched
+    call of the tokenizer (two: with and without its special additions), which a fast tokenizer runs
+    much faster than one call per piece. The ids and masks are those of `render_example`."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
+    plans = [example_segments(example, tokenizer, chat_template) for example in examples]
+    encoded = {}
+    for special in (False, True):
+        texts = [text for plan in plans for text, _, with_special in plan if text and with_special == special]
+        encoded[special] = iter(tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else ())
+    out = []
+    for example, plan in zip(examples, plans):
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, trained, special in plan:
+            token_ids = [eos] if text is None else list(next(encoded[special])) if text else []
+            ids.extend(token_ids)
+            mask.extend([1 if trained else 0] * len(token_ids))
+        if train_on_prompt:
+            mask = [1] * len(ids)
+        if mask:
+            mask[0] = 0  # nothing predicts the first token
+        out.append(Rendered(ids, mask, example.where))
+    return out
+
+
 def render_example(example: Example, tokenizer, *, train_on_prompt: bool = False,
                    chat_template: str | None = None) -> Rendered:
     """Tokenize an SFT example into ids and the exact loss mask.
@@ -178,40 +230,7 @@ def render_example(example: Example, tokenizer, *, train_on_prompt: bool = False
     the EOS token after it. Message rows train on every assistant turn. With `train_on_prompt`,
     every token is trained.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
-    ids: list[int] = []
-    mask: list[int] = []
-
-    def add(token_ids: list[int], trained: bool) -> None:
-        ids.extend(token_ids)
-        mask.extend([1 if trained else 0] * len(token_ids))
-
-    if example.format == "text":
-        add(tokenize(tokenizer, example.text, special=True) + [eos], True)
-    elif example.format == "messages" or (example.format == "prompt_completion" and (
-            isinstance(example.prompt, list) or isinstance(example.completion, list))):
-        if example.format == "messages":
-            messages, trained_from = example.messages, 0
-        else:  # trained on the completion's assistant turns only
-            prompt = as_messages(example.prompt, "user")
-            messages, trained_from = prompt + as_messages(example.completion, "assistant"), len(prompt)
-        template = require_chat_template(tokenizer, chat_template, example.where)
-        for text, trained in _conversation_segments(messages, tokenizer, template, example.where, trained_from,
-                                                    example.tools):
-            add(tokenize(tokenizer, text), trained)
-    elif example.format in ("prompt_completion", "alpaca"):
-        add(tokenize(tokenizer, example.prompt, special=True), False)
-        add(tokenize(tokenizer, example.completion) + [eos], True)
-    else:
-        raise DataError(f"{example.where}: '{example.format}' rows cannot be used for supervised fine-tuning; "
-                        "use prompt/completion, alpaca, messages or text rows")
-    if train_on_prompt:
-        mask = [1] * len(ids)
-    if mask:
-        mask[0] = 0  # nothing predicts the first token
-    return Rendered(ids, mask, example.where)
+    return render_examples([example], tokenizer, train_on_prompt=train_on_prompt, chat_template=chat_template)[0]
 
 
 def has_content(example: Example) -> bool:
