@@ -168,7 +168,7 @@ def test_unknown_key_without_a_close_match_lists_known_keys():
     msg = config_error(overrides=["data.banana=1"])
     assert msg == ("unknown config key 'data.banana' (from override 'data.banana=1'); known keys here: "
                    "data.sources, data.eval_sources, data.columns, data.max_length, data.overlong, data.train_on_prompt, data.eval_fraction, "
-                   "data.eval_max_rows, data.chat_template")
+                   "data.eval_max_rows, data.chat_template, data.cache_dir")
 
 
 @pytest.mark.parametrize("source", ["yaml", "override"])

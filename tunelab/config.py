@@ -87,6 +87,9 @@ class DataConfig(Section):
     eval_max_rows: int = Field(256, ge=0, description="cap on held-out rows per source")
     chat_template: str | None = Field(
         None, description="Jinja chat template for `messages` rows, or 'chatml'; default: the tokenizer's")
+    cache_dir: str | None = Field(
+        "auto", description="tokenized cache of sft rows between runs, keyed by the data's content, the tokenizer "
+        "and these settings (auto: $TUNELAB_CACHE_DIR, else ~/.cache/tunelab/tokenized; null: off)")
 
     @field_validator("columns")
     @classmethod

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, TypeVar
 
 from tunelab.config import DataConfig, DataSource
 from tunelab.data.formats import Example, SourceReading, read_source
 from tunelab.data.load import DataError, load_rows
+
+if TYPE_CHECKING:
+    from tunelab.data.cache import TokenCache
 from tunelab.data.templates import Rendered, fit_length, has_content, render_examples
 
 Item = TypeVar("Item")
@@ -37,6 +40,7 @@ class SourceSummary:
     train: int = 0
     held_out: int = 0
     role: str = "train"  # or "eval": a held-out source (data.eval_sources)
+    cached: bool = False  # its rendered rows came from the tokenized cache (tunelab.data.cache)
     reading: str = ""  # how its rows were read: format, columns read and mapped, known columns not read
     warnings: list[str] = field(default_factory=list)
 
@@ -55,9 +59,11 @@ class SourceSummary:
     def line(self) -> str:
         head = f"{self.path} [{self.format}]: {self.rows} rows, {self.kept} kept ({self.truncated} truncated), "
         if self.role == "eval":
-            return head + f"{self.drops()}; {self.held_out} held out (eval data)"
-        return head + (f"{self.drops()}; {self.train} train / {self.held_out} held out; weight {self.weight:g} -> "
-                       f"{self.per_epoch} rows per epoch")
+            text = head + f"{self.drops()}; {self.held_out} held out (eval data)"
+        else:
+            text = head + (f"{self.drops()}; {self.train} train / {self.held_out} held out; weight {self.weight:g} "
+                           f"-> {self.per_epoch} rows per epoch")
+        return text + ("; tokenized rows from the cache" if self.cached else "")
 
 
 @dataclass
@@ -108,9 +114,14 @@ def one_by_one(render: Callable[[Example], tuple[Item | None, str]]) -> Render:
 
 
 def render_source(source: DataSource, config: DataConfig, render: Render, formats: tuple[str, ...],
-                  purpose: str) -> tuple[SourceSummary, list[Item]]:
+                  purpose: str, cache: TokenCache | None = None) -> tuple[SourceSummary, list[Item]]:
     """One source's usable items and its summary (drops counted, how it was read noted); `render` takes a
-    chunk of examples at once."""
+    chunk of examples at once. With `cache`, a source rendered before with the same key is read from it."""
+    key = cache.key(source) if cache is not None else None
+    if key is not None:
+        hit = cache.get(key, source)
+        if hit is not None:
+            return hit
     reading = read_examples(source, config, formats, purpose)
     summary = SourceSummary(source.path, reading.format, source.weight, rows=len(reading.examples),
                             reading=reading.describe())
@@ -125,16 +136,20 @@ def render_source(source: DataSource, config: DataConfig, render: Render, format
             continue
         summary.truncated += status == "truncated"
         kept.append(item)
+    if key is not None:
+        problem = cache.put(key, summary, kept)
+        summary.warnings += [problem] if problem else []
     return summary, kept
 
 
 def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | None, str]] | None,
-                 formats: tuple[str, ...], purpose: str, seed: int = 0,
-                 render_batch: Render | None = None) -> TokenizedData[Item]:
+                 formats: tuple[str, ...], purpose: str, seed: int = 0, render_batch: Render | None = None,
+                 cache: TokenCache | None = None) -> TokenizedData[Item]:
     """Load, validate, render and split every source; data.eval_sources, when given, are the held-out rows.
 
     `render` turns an example into an item and a status (kept, truncated, or dropped_long /
-    dropped_empty / dropped_identical with None); `render_batch`, given instead, does so for a list of them. `formats` are the row kinds `purpose` accepts (format
+    dropped_empty / dropped_identical with None); `render_batch`, given instead, does so for a list of them.
+    `cache` (rendered `Rendered` rows only) keeps each source's items between runs. `formats` are the row kinds `purpose` accepts (format
     detection prefers them). Raises DataError on malformed input, on a source of the wrong format, and
     when a source has no usable rows.
     """
@@ -143,10 +158,10 @@ def prepare_data(config: DataConfig, render: Callable[[Example], tuple[Item | No
     many = render_batch or one_by_one(render)
     data: TokenizedData[Item] = TokenizedData()
     for index, source in enumerate(config.sources):
-        summary, kept = render_source(source, config, many, formats, purpose)
+        summary, kept = render_source(source, config, many, formats, purpose, cache)
         add_source(data, summary, kept, config, seed, index)
     for source in config.eval_sources:
-        summary, kept = render_source(source, config, many, formats, purpose)
+        summary, kept = render_source(source, config, many, formats, purpose, cache)
         add_eval_source(data, summary, kept, config)
     return data
 
@@ -185,7 +200,9 @@ SFT_FORMATS = ("text", "prompt_completion", "alpaca", "messages")
 
 def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[Rendered]:
     """Tokenized SFT rows (ids + loss mask) of every source, split into train and held out (rendered in
-    batches: one tokenizer call per chunk of rows)."""
+    batches: one tokenizer call per chunk of rows; kept between runs in the tokenized cache, data.cache_dir)."""
+    from tunelab.data.cache import TokenCache
+
     def render(examples: list[Example]) -> list[tuple[Rendered | None, str]]:
         usable = [example for example in examples if has_content(example)]
         rendered = iter(render_examples(usable, tokenizer, train_on_prompt=config.train_on_prompt,
@@ -193,4 +210,5 @@ def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedD
         return [fit_length(next(rendered), config.max_length, config.overlong) if has_content(example)
                 else (None, "dropped_empty") for example in examples]
 
-    return prepare_data(config, None, SFT_FORMATS, "supervised fine-tuning", seed, render_batch=render)
+    return prepare_data(config, None, SFT_FORMATS, "supervised fine-tuning", seed, render_batch=render,
+                        cache=TokenCache.for_config(config, tokenizer, "sft"))
