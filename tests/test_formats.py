@@ -499,3 +499,32 @@ def test_generate_reads_prompts_and_references_from_trl_and_sharegpt_rows(tmp_pa
     row = prompt_rows(str(sharegpt), tokenizer)[0]
     assert row.reference == "Superb."
     assert row.prompt.endswith(user("Shorter?") + "<|im_start|>assistant\n")
+
+
+def test_contrastive_pairs_take_their_held_out_rows_from_eval_data(tmp_path, tokenizer):
+    from tunelab.data.pairs import prepare_pair_data
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": f"query {i}", "positive": f"doc {i}"} for i in range(8)])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"query": "capital of France", "document": "Paris"}] * 2)
+    data = prepare_pair_data(DataConfig(sources=[DataSource(path=str(train))], eval_sources=[DataSource(path=str(held))],
+                                        eval_fraction=0.5), tokenizer)
+    assert (len(data.train), len(data.held_out)) == (8, 2)
+    assert decoded(tokenizer, data.held_out[0].positive) == "<s>Paris</s>"
+
+
+@pytest.mark.parametrize("columns,prefer,expected", [
+    ({"prompt", "chosen", "rejected", "messages", "prompt_id"}, None, "messages"),
+    ({"prompt", "chosen", "rejected", "messages", "prompt_id"}, ("preference",), "preference"),
+    ({"prompt", "chosen", "rejected", "messages"}, ("text", "prompt_completion", "alpaca", "messages"), "messages"),
+    ({"prompt", "chosen", "rejected", "messages"}, ("prompt_completion", "preference"), "preference"),
+    ({"conversations", "system", "tools"}, None, "sharegpt"),
+    ({"conversations", "chosen", "rejected"}, None, "preference"),
+    ({"conversations", "chosen", "rejected"}, ("text", "prompt_completion", "alpaca", "messages"), "sharegpt"),
+    ({"instruction", "input", "chosen", "rejected"}, ("preference",), "preference"),
+    ({"prompt", "completion", "text"}, ("text", "prompt_completion"), "prompt_completion"),
+    ({"prompt"}, ("preference",), "prompt"),  # nothing of the preferred kind: the recipe names what it needs
+])
+def test_detection_prefers_the_recipes_kind(columns, prefer, expected):
+    from tunelab.data.formats import detect_format
+
+    assert detect_format(columns, "data.jsonl", prefer) == expected
