@@ -7,6 +7,9 @@ import pytest
 # train.precision=auto means fp32 in every test and every process a test starts, whatever the CPU: runs are
 # compared with each other bit for bit, and bf16 is tested where a test asks for it (tests/test_precision.py)
 os.environ["TUNELAB_PRECISION"] = "fp32"
+# the tokenized cache is off in tests (and in the processes they start) unless a test points data.cache_dir at
+# a folder of its own: no test reads rows another one rendered
+os.environ["TUNELAB_CACHE_DIR"] = "none"
 
 from tunelab.demo.world import build_tokenizer, make_reviews
 

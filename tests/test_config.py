@@ -138,7 +138,7 @@ def test_describe_fields():
     assert "data" not in rows and "train" not in rows and "data.sources.path" not in rows
     leaves = {f"{section}.{name}" for section in ("model", "data", "lora", "prompt_tuning", "quantization", "train")
               for name in type(getattr(SFTConfig(), section)).model_fields}
-    items = {f"data.sources.N.{name}" for name in DataSource.model_fields}
+    items = {f"data.{field}.N.{name}" for field in ("sources", "eval_sources") for name in DataSource.model_fields}
     assert set(rows) == leaves | items | {"peft", "output"}
     assert rows["data.sources.N.path"][0] == "required" and rows["data.sources.N.format"][0] == "'auto'"
 
@@ -170,8 +170,8 @@ def test_unknown_key_from_yaml_suggests_and_names_file(tmp_path):
 def test_unknown_key_without_a_close_match_lists_known_keys():
     msg = config_error(overrides=["data.banana=1"])
     assert msg == ("unknown config key 'data.banana' (from override 'data.banana=1'); known keys here: "
-                   "data.sources, data.max_length, data.overlong, data.train_on_prompt, data.eval_fraction, "
-                   "data.eval_max_rows, data.chat_template")
+                   "data.sources, data.eval_sources, data.columns, data.max_length, data.overlong, data.train_on_prompt, data.eval_fraction, "
+                   "data.eval_max_rows, data.chat_template, data.cache_dir")
 
 
 @pytest.mark.parametrize("source", ["yaml", "override"])
@@ -232,7 +232,7 @@ def test_unknown_source_format_name(tmp_path):
     path = write_yaml(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n      format: xml\n")
     assert config_error(yaml_path=str(path)) == (
         f"config value 'data.sources.0.format' (in {path}): Input should be 'auto', 'text', 'prompt_completion', "
-        "'alpaca', 'messages', 'preference' or 'prompt' (got 'xml')")
+        "'alpaca', 'messages', 'sharegpt', 'preference' or 'prompt' (got 'xml')")
 
 
 def test_bad_flag_value_names_the_flag():

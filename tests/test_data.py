@@ -133,7 +133,7 @@ def test_unknown_format_name_in_to_examples():
     with pytest.raises(DataError) as info:
         to_examples(rows, "xml", "a.jsonl")
     assert str(info.value) == ("a.jsonl: unknown data format 'xml'; expected one of text, prompt_completion, "
-                               "alpaca, messages, preference, prompt or auto")
+                               "alpaca, messages, sharegpt, preference, prompt or auto")
     with pytest.raises(DataError, match="unknown data format 'chat'; expected one of text, "):
         to_example(rows[0], "chat")
 
@@ -268,10 +268,16 @@ def test_mistyped_field_value_is_shortened():
 
 @pytest.mark.parametrize("messages,expected", [
     ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}],
-     "field 'messages' item 1 has role 'bot'; expected one of ('system', 'user', 'assistant')"),
-    ([{"role": "user"}], "field 'messages' item 0 must be an object with 'role' and 'content'"),
-    (["hi"], "field 'messages' item 0 must be an object with 'role' and 'content'"),
-    ([{"role": "user", "content": 3}], "field 'messages' item 0 content must be a string, got int"),
+     "field 'messages' item 1 has role 'bot'; expected one of ('system', 'user', 'assistant', 'tool')"),
+    ([{"role": "user"}], "field 'messages' item 0 must be an object with 'role' and 'content' (or ShareGPT's "
+                         "'from' and 'value')"),
+    (["hi"], "field 'messages' item 0 must be an object with 'role' and 'content' (or ShareGPT's 'from' and "
+             "'value')"),
+    ([{"role": "user", "content": 3}],
+     "field 'messages' item 0 content must be a string or a list of text parts, got int"),
+    ([{"role": "user", "content": "hi"}, {"from": "bot", "value": "hello"}],
+     "field 'messages' item 1 has from 'bot'; expected one of ('human', 'user', 'gpt', 'assistant', 'system', "
+     "'function_call', 'observation', 'tool')"),
     ([], "field 'messages' must be a non-empty list of {role, content} messages, got list"),
     ("hello", "field 'messages' must be a non-empty list of {role, content} messages, got str"),
 ])

@@ -34,9 +34,9 @@ def key_rows(text: str) -> dict[str, tuple[str, str]]:
 
 
 def config_default(cls, key: str):
-    if key.startswith("data.sources.N."):
+    if key.startswith(("data.sources.N.", "data.eval_sources.N.")):
         field = DataSource.model_fields[key.rsplit(".", 1)[1]]
-        return "required" if field.is_required() else field.default
+        return "required" if field.is_required() else field.get_default(call_default_factory=True)
     node = cls().model_dump()
     for part in key.split("."):
         node = node[part]

@@ -42,6 +42,11 @@ def _data_source(text: str) -> dict:
     return {"path": text}
 
 
+def _eval_source(text: str) -> dict:
+    """`PATH` -> a held-out data source entry."""
+    return {"path": text}
+
+
 def _count(minimum: int, maximum: int | None = None):
     """An argparse type: a whole number of at least `minimum` (and at most `maximum`)."""
     def parse(text: str) -> int:
@@ -75,14 +80,21 @@ def _number(*, at_least: float | None = None, above: float | None = None, at_mos
     return parse
 
 
-def _add_recipe_flags(parser: argparse.ArgumentParser, cls, *, peft_choices: tuple[str, ...]) -> None:
+def _add_recipe_flags(parser: argparse.ArgumentParser, cls, *, peft_choices: tuple[str, ...],
+                      held_out: bool = True) -> None:
     """The flags every training verb has; their help says what they mean in recipe `cls`."""
     notes, train = cls.key_help, cls.model_fields["train"].default_factory()
     parser.add_argument("--model", help="base model: a local directory or a hub name (model.name_or_path)")
     parser.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]",
                         help="training data: .jsonl/.json/.csv/.parquet, a saved datasets directory or a hub "
                              "name; repeat to mix datasets, with an optional weight (rows per epoch = weight x "
-                             "rows) (data.sources)")
+                             "rows) (data.sources); the format is detected from the columns (or "
+                             "data.sources.N.format), other column names are mapped with data.columns.NAME=COLUMN "
+                             "or data.sources.N.columns.NAME=COLUMN")
+    if held_out:
+        parser.add_argument("--eval-data", action="append", type=_eval_source, metavar="PATH",
+                            help="held-out data to evaluate on, instead of holding out data.eval_fraction of the "
+                                 "training rows; repeatable (data.eval_sources)")
     parser.add_argument("--output", help="run directory to create (output)")
     parser.add_argument("--config", help="YAML file with config keys (see below)")
     parser.add_argument("--max-steps", type=_count(1), help=notes.get("train.max_steps", "stop after N optimizer "
@@ -109,6 +121,8 @@ def _recipe_config(cls, args: argparse.Namespace):
         "train.max_steps": args.max_steps, "train.epochs": args.epochs, "train.lr": args.lr,
         "train.batch_size": args.batch_size, "peft": args.peft,
     }
+    if hasattr(args, "eval_data"):
+        flags["data.eval_sources"] = args.eval_data
     if hasattr(args, "ref"):
         flags["ref"] = args.ref
     if hasattr(args, "reward"):
@@ -374,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and runs ppo.epochs of clipped policy and value updates. --max-steps is the number of "
                          "iterations. With LoRA one base model serves policy, value head and reference.",
                          epilog=_keys_epilog(PPOConfig), formatter_class=formatter)
-    _add_recipe_flags(ppo, PPOConfig, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(ppo, PPOConfig, peft_choices=PEFT_CHOICES, held_out=False)
     ppo.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                      "module:function (reward.source)")
     ppo.set_defaults(func=cmd_ppo)
@@ -401,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "k3 term in the loss (rl.kl=loss), or off (rl.kl=off: no reference loaded).",
                           epilog=_keys_epilog(RLOOConfig), formatter_class=formatter)
     for parser_, command, cls in ((grpo, cmd_grpo, GRPOConfig), (rloo, cmd_rloo, RLOOConfig)):
-        _add_recipe_flags(parser_, cls, peft_choices=PEFT_CHOICES)
+        _add_recipe_flags(parser_, cls, peft_choices=PEFT_CHOICES, held_out=False)
         parser_.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                              "module:function (reward.source)")
         parser_.set_defaults(func=command)

@@ -28,7 +28,25 @@ class Section(BaseModel):
                               allow_inf_nan=False)  # an infinite lr or NaN coefficient is never meant
 
 
-Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "preference", "prompt"]
+Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference", "prompt"]
+# the column names the row formats read; data.columns maps a source's own names onto them
+CANONICAL_COLUMNS = ("text", "prompt", "completion", "instruction", "input", "output", "system", "history",
+                     "messages", "conversations", "tools", "chosen", "rejected", "margin", "label")
+
+
+def _check_columns(value: dict[str, str]) -> dict[str, str]:
+    for name, column in value.items():
+        if name not in CANONICAL_COLUMNS:
+            hint = difflib.get_close_matches(str(name), CANONICAL_COLUMNS, n=1)
+            raise ValueError(f"'{name}' is not a column name tunelab reads" + (
+                f" (did you mean '{hint[0]}'?)" if hint else f"; expected one of {', '.join(CANONICAL_COLUMNS)}"))
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"the column mapped to '{name}' must be a column name, got {column!r}")
+    return value
+
+
+COLUMNS_HELP = ("column mapping: a canonical name -> this data's column, e.g. {prompt: question, completion: "
+                "answer}; canonical names: " + ", ".join(CANONICAL_COLUMNS))
 
 
 class ModelConfig(Section):
@@ -45,10 +63,20 @@ class DataSource(Section):
     weight: float = Field(1.0, gt=0, description="rows used per epoch = weight x rows in the source")
     format: Format = Field("auto", description="row format; auto detects it from the columns")
     split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP + " (over data.columns)")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_columns(value)
 
 
 class DataConfig(Section):
     sources: list[DataSource] = Field(default_factory=list, description="datasets to mix (--data)")
+    eval_sources: list[DataSource] = Field(
+        default_factory=list, description="held-out data (--eval-data): evaluated on whole, and then no rows are "
+        "held out of the training sources (eval_fraction is not used)")
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP + " (every source)")
     max_length: int = Field(512, ge=8, description="longest tokenized row, in tokens")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="what to do with rows longer than max_length")
@@ -59,6 +87,14 @@ class DataConfig(Section):
     eval_max_rows: int = Field(256, ge=0, description="cap on held-out rows per source")
     chat_template: str | None = Field(
         None, description="Jinja chat template for `messages` rows, or 'chatml'; default: the tokenizer's")
+    cache_dir: str | None = Field(
+        "auto", description="tokenized cache of sft rows between runs, keyed by the data's content, the tokenizer "
+        "and these settings (auto: $TUNELAB_CACHE_DIR, else ~/.cache/tunelab/tokenized; null: off)")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_columns(value)
 
 
 class LoraConfig(Section):

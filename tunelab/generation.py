@@ -64,12 +64,16 @@ def _prompt_row(example: Example, tokenizer, chat_template: str | None) -> Promp
         reference = None
         if turns[-1]["role"] == "assistant":
             turns, reference = turns[:-1], turns[-1]["content"]
-        return PromptRow(example.where, prompt_text(turns, tokenizer, chat_template, example.where), reference)
+        return PromptRow(example.where, prompt_text(turns, tokenizer, chat_template, example.where, example.tools),
+                         reference)
     if example.format == "preference":
         raise DataError(f"{example.where}: preference rows hold no single prompt to generate from; use rows "
                         "with 'prompt' (and optionally 'completion')")
-    return PromptRow(example.where, prompt_text(example.prompt, tokenizer, chat_template, example.where),
-                     example.completion)
+    reference = example.completion
+    if isinstance(reference, list):  # a conversational completion: its last assistant reply is the reference
+        reference = next((m["content"] for m in reversed(reference) if m["role"] == "assistant"), None)
+    return PromptRow(example.where, prompt_text(example.prompt, tokenizer, chat_template, example.where,
+                                                example.tools), reference)
 
 
 def resolve_model_dir(path: str) -> str:

@@ -61,7 +61,10 @@ def data_stats(data: TokenizedData) -> dict[str, float]:
 def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = False) -> str:
     """A printable report: per-source summary, statistics and the first `n` rendered rows."""
     stats = data_stats(data)
-    lines = [f"source {line}" for line in data.summary_lines()]
+    lines = []
+    for source in data.sources:  # each source's counts, how it was read, and what its reading left out
+        lines.append(f"source {source.line()}")
+        lines.extend(f"  {text}" for text in [source.reading] + [f"warning: {w}" for w in source.warnings] if text)
     lines.append(f"rows: {stats['rows']} read, {stats['kept']} kept, {stats['truncated']} truncated, "
                  f"{stats['dropped']} dropped")
     lines.append(f"tokens per row: p50 {stats['length_p50']}, p90 {stats['length_p90']}, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
-from tunelab.data.dataset import SourceSummary, TokenizedData, add_source
+from tunelab.data.dataset import SourceSummary, TokenizedData, add_eval_source, add_source
 from tunelab.data.load import DataError, Row, load_rows, read_text
 
 ALIASES = (("anchor", "positive"), ("query", "document"), ("text1", "text2"))
@@ -96,22 +96,28 @@ def prepare_pair_data(config: DataConfig, tokenizer, seed: int = 0) -> Tokenized
         raise DataError("no training data given: pass --data PATH (or set data.sources in the config)")
     data: TokenizedData[TextPair] = TokenizedData()
     for index, source in enumerate(config.sources):
-        rows = load_rows(source.path, source.split)
-        summary = SourceSummary(source.path, "pairs", source.weight, rows=len(rows))
-        kept: list[TextPair] = []
-        for row in rows:
-            anchor, positive, negatives = row_texts(row)
-            texts = [anchor, positive, *negatives]
-            full = [encode_text(tokenizer, t, None) for t in texts]
-            long = any(len(ids) > config.max_length for ids in full)
-            if long and config.overlong == "drop":
-                summary.dropped_long += 1
-                continue
-            ids = [encode_text(tokenizer, t, config.max_length) for t in texts] if long else full
-            summary.truncated += long
-            kept.append(TextPair(ids[0], ids[1], ids[2:], row.where))
-        add_source(data, summary, kept, config, seed, index)
+        add_source(data, *_source_pairs(source, tokenizer, config), config, seed, index)
+    for source in config.eval_sources:
+        add_eval_source(data, *_source_pairs(source, tokenizer, config), config)
     return data
+
+
+def _source_pairs(source, tokenizer, config: DataConfig) -> tuple[SourceSummary, list[TextPair]]:
+    rows = load_rows(source.path, source.split)
+    summary = SourceSummary(source.path, "pairs", source.weight, rows=len(rows))
+    kept: list[TextPair] = []
+    for row in rows:
+        anchor, positive, negatives = row_texts(row)
+        texts = [anchor, positive, *negatives]
+        full = [encode_text(tokenizer, t, None) for t in texts]
+        long = any(len(ids) > config.max_length for ids in full)
+        if long and config.overlong == "drop":
+            summary.dropped_long += 1
+            continue
+        ids = [encode_text(tokenizer, t, config.max_length) for t in texts] if long else full
+        summary.truncated += long
+        kept.append(TextPair(ids[0], ids[1], ids[2:], row.where))
+    return summary, kept
 
 
 def load_texts(path: str) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tunelab.config import DataConfig
 from tunelab.data.dataset import TokenizedData, prepare_data
 from tunelab.data.formats import Example, Messages
-from tunelab.data.load import DataError
+from tunelab.data.messages import as_messages, has_reply
 from tunelab.data.templates import Rendered, render_chat, require_chat_template, tokenize, fit_length, render_example
 
 
@@ -32,14 +32,8 @@ def uses_text_pairs(tokenizer) -> bool:
     return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
 
 
-def _as_messages(value: str | Messages | None, role: str) -> Messages:
-    if value is None or value == "":
-        return []
-    return value if isinstance(value, list) else [{"role": role, "content": value}]
-
-
 def scored_sequence(prompt: str | Messages | None, response: str | Messages, tokenizer,
-                    chat_template: str | None = None, where: str = "") -> list[int]:
+                    chat_template: str | None = None, where: str = "", tools: list[dict] | None = None) -> list[int]:
     """Token ids of prompt + response as a reward model reads them, with nothing tunelab adds itself.
 
     The convention is plain transformers': text rows are `prompt + response` tokenized as one text with the
@@ -49,9 +43,9 @@ def scored_sequence(prompt: str | Messages | None, response: str | Messages, tok
     token, so a saved reward model scores a row in plain transformers as it does in tunelab.
     """
     if isinstance(prompt, list) or isinstance(response, list):
-        conversation = _as_messages(prompt, "user") + _as_messages(response, "assistant")
+        conversation = as_messages(prompt, "user") + as_messages(response, "assistant")
         template = require_chat_template(tokenizer, chat_template, where)
-        return tokenize(tokenizer, render_chat(tokenizer, template, conversation, False))
+        return tokenize(tokenizer, render_chat(tokenizer, template, conversation, False, tools, where))
     if uses_text_pairs(tokenizer):
         encoded = tokenizer(prompt, response) if prompt else tokenizer(response)
         return list(encoded["input_ids"])
@@ -67,7 +61,7 @@ def no_preference(example: Example) -> str | None:
 
 def _is_empty(value: str | Messages) -> bool:
     if isinstance(value, list):
-        return not any(m["content"].strip() for m in value if m["role"] == "assistant")
+        return not has_reply(value)
     return not value.strip()
 
 
@@ -79,8 +73,8 @@ def to_pair(example: Example, tokenizer, config: DataConfig) -> tuple[ScoredPair
         return None, "dropped_empty"
     if example.chosen == example.rejected:
         return None, "dropped_identical"
-    chosen, rejected = (scored_sequence(example.prompt, response, tokenizer, config.chat_template, example.where)
-                        for response in (example.chosen, example.rejected))
+    chosen, rejected = (scored_sequence(example.prompt, response, tokenizer, config.chat_template, example.where,
+                                        example.tools) for response in (example.chosen, example.rejected))
     status = "kept"
     if max(len(chosen), len(rejected)) > config.max_length:
         if config.overlong == "drop":
@@ -111,38 +105,19 @@ class PolicyPair:
     ref_rejected: float | None = None
 
 
-def split_prompt(example: Example) -> tuple[str | Messages, str, str]:
-    """(prompt, chosen text, rejected text): an implicit prompt is the shared history of two conversations."""
-    prompt, chosen, rejected = example.prompt, example.chosen, example.rejected
-    if isinstance(chosen, list) or isinstance(rejected, list):
-        if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise DataError(f"{example.where}: 'chosen' and 'rejected' must both be text or both be messages")
-        for side, messages in (("chosen", chosen), ("rejected", rejected)):
-            if messages[-1]["role"] != "assistant":
-                raise DataError(f"{example.where}: field '{side}' must end with an assistant message")
-        if prompt is None:
-            if chosen[:-1] != rejected[:-1]:
-                raise DataError(f"{example.where}: without a 'prompt', 'chosen' and 'rejected' must share every "
-                                "message but the last (the prompt is their common history)")
-            prompt = chosen[:-1]
-        elif isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
-    return prompt if prompt is not None else "", chosen, rejected
-
-
 def to_policy_pair(example: Example, tokenizer, config: DataConfig) -> tuple[PolicyPair | None, str]:
     """Render a preference example for DPO; returns (pair or None, kept/truncated/dropped_* status)."""
     if no_preference(example):
         return None, no_preference(example)
-    prompt, chosen, rejected = split_prompt(example)
-    if not chosen.strip() or not rejected.strip():
+    # the rows' prompt is already the turns both sides share (tunelab.data.formats.shared_prompt)
+    prompt, chosen, rejected = example.prompt or "", example.chosen, example.rejected
+    if _is_empty(chosen) or _is_empty(rejected):
         return None, "dropped_empty"
     if chosen == rejected:
         return None, "dropped_identical"
     rendered, statuses = [], []
     for completion in (chosen, rejected):
-        row = Example("prompt_completion", example.where, prompt=prompt, completion=completion)
+        row = Example("prompt_completion", example.where, prompt=prompt, completion=completion, tools=example.tools)
         fitted, status = fit_length(render_example(row, tokenizer, chat_template=config.chat_template),
                                     config.max_length, config.overlong)
         if fitted is None:

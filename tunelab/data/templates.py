@@ -12,33 +12,67 @@ from dataclasses import dataclass
 
 from tunelab.data.formats import Example, Messages
 from tunelab.data.load import DataError
+from tunelab.data.messages import as_messages, call_names, has_reply, tool_names
 
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. "
+ALPACA_INPUT_PREAMBLE = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. ")
+ALPACA_REQUEST = "Write a response that appropriately completes the request.\n\n"
+ALPACA_WITH_INPUT = ALPACA_INPUT_PREAMBLE + ALPACA_REQUEST + (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_NO_INPUT = ALPACA_PREAMBLE + ALPACA_REQUEST + "### Instruction:\n{instruction}\n\n### Response:\n"
 
+# ChatML; tool definitions go into the system turn and tool calls are written as <tool_call> JSON, as the
+# Hermes / Qwen templates write them
 CHATML_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query. The functions are:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call> tags.<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% generation %}{{ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "{{ '}\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
     "{{ '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
-def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca-style prompt for an instruction and optional input; the response follows it."""
+def alpaca_prompt(instruction: str, input_text: str = "", system: str | None = None,
+                  history: list[tuple[str, str]] | tuple = ()) -> str:
+    """The Alpaca-style prompt for an instruction and optional input; the response follows it.
+
+    A `system` text replaces the preamble ("Below is an instruction ..."); `history` pairs of (instruction,
+    response) come first as earlier "### Instruction / ### Response" turns (context, not trained)."""
+    if not system and not history:
+        if input_text.strip():
+            return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+        return ALPACA_NO_INPUT.format(instruction=instruction)
+    if system:
+        preamble = system.rstrip("\n") + "\n\n"
+    else:
+        preamble = (ALPACA_INPUT_PREAMBLE if input_text.strip() else ALPACA_PREAMBLE) + ALPACA_REQUEST
+    turns = "".join(f"### Instruction:\n{q}\n\n### Response:\n{a}\n\n" for q, a in history)
+    current = f"### Instruction:\n{instruction}\n\n"
     if input_text.strip():
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
+        current += f"### Input:\n{input_text}\n\n"
+    return preamble + turns + current + "### Response:\n"
 
 
 @dataclass
@@ -61,10 +95,25 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str | None:
     return chat_template or getattr(tokenizer, "chat_template", None)
 
 
-def render_chat(tokenizer, template: str, messages: Messages, add_generation_prompt: bool) -> str:
-    """Messages rendered to text with a Jinja chat template."""
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+def render_chat(tokenizer, template: str, messages: Messages, add_generation_prompt: bool,
+                tools: list[dict] | None = None, where: str = "") -> str:
+    """Messages rendered to text with a Jinja chat template (`tools` passed to it as `tools`).
+
+    A template that leaves out a tool call or a tool definition would train on a conversation that is
+    not the data's: that is a DataError naming `where`."""
+    text = tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+    for name in call_names(messages):
+        if name not in text:
+            raise DataError(f"{where}: the chat template does not write tool calls (the call of '{name}' is missing "
+                            "from the rendered text); set data.chat_template to a template that renders "
+                            "`tool_calls` (data.chat_template=chatml does)")
+    for name in tool_names(tools):
+        if name not in text:
+            raise DataError(f"{where}: the chat template does not write the 'tools' column (tool '{name}' is "
+                            "missing from the rendered text); set data.chat_template to a template that renders "
+                            "`tools` (data.chat_template=chatml does)")
+    return text
 
 
 def require_chat_template(tokenizer, chat_template: str | None, where: str) -> str:
@@ -76,11 +125,12 @@ def require_chat_template(tokenizer, chat_template: str | None, where: str) -> s
     return template
 
 
-def prompt_text(prompt: str | Messages, tokenizer, chat_template: str | None = None, where: str = "") -> str:
+def prompt_text(prompt: str | Messages, tokenizer, chat_template: str | None = None, where: str = "",
+                tools: list[dict] | None = None) -> str:
     """The text a model continues from: a string as is, or messages rendered with the generation prompt."""
     if isinstance(prompt, str):
         return prompt
-    return render_chat(tokenizer, require_chat_template(tokenizer, chat_template, where), prompt, True)
+    return render_chat(tokenizer, require_chat_template(tokenizer, chat_template, where), prompt, True, tools, where)
 
 
 def tokenize(tokenizer, text: str, special: bool = False) -> list[int]:
@@ -89,7 +139,7 @@ def tokenize(tokenizer, text: str, special: bool = False) -> list[int]:
 
 
 def _conversation_segments(messages: Messages, tokenizer, template: str, where: str,
-                           trained_from: int) -> list[tuple[str, bool]]:
+                           trained_from: int, tools: list[dict] | None = None) -> list[tuple[str, bool]]:
     """Split a rendered conversation into (text, trained) segments, one per assistant turn boundary.
 
     Assistant turns at index >= `trained_from` are trained, including the end-of-turn text the
@@ -100,8 +150,9 @@ def _conversation_segments(messages: Messages, tokenizer, template: str, where: 
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, template, messages[:i], True) if i else _generation_only(tokenizer, template)
-        after = render_chat(tokenizer, template, messages[: i + 1], False)
+        before = (render_chat(tokenizer, template, messages[:i], True, tools, where) if i
+                  else _generation_only(tokenizer, template, tools))
+        after = render_chat(tokenizer, template, messages[: i + 1], False, tools, where)
         if not before.startswith(done) or not after.startswith(before):
             raise DataError(f"{where}: the chat template does not render this conversation as a growing prefix "
                             "turn by turn, so the assistant tokens cannot be located exactly; set "
@@ -112,11 +163,63 @@ def _conversation_segments(messages: Messages, tokenizer, template: str, where: 
     return segments
 
 
-def _generation_only(tokenizer, template: str) -> str:
+def _generation_only(tokenizer, template: str, tools: list[dict] | None = None) -> str:
     try:
-        return render_chat(tokenizer, template, [], True)
+        return render_chat(tokenizer, template, [], True, tools)
     except Exception:  # some templates refuse an empty conversation; then nothing precedes the turn
         return ""
+
+
+Segment = tuple[str | None, bool, bool]  # (text, or None for the EOS token; trained; with BOS etc. added)
+
+
+def example_segments(example: Example, tokenizer, chat_template: str | None = None) -> list[Segment]:
+    """The pieces of an SFT example in order, each tokenized on its own: what `render_example` trains on."""
+    if example.format == "text":
+        return [(example.text, True, True), (None, True, False)]
+    if example.format == "messages" or (example.format == "prompt_completion" and (
+            isinstance(example.prompt, list) or isinstance(example.completion, list))):
+        if example.format == "messages":
+            messages, trained_from = example.messages, 0
+        else:  # trained on the completion's assistant turns only
+            prompt = as_messages(example.prompt, "user")
+            messages, trained_from = prompt + as_messages(example.completion, "assistant"), len(prompt)
+        template = require_chat_template(tokenizer, chat_template, example.where)
+        return [(text, trained, False) for text, trained in
+                _conversation_segments(messages, tokenizer, template, example.where, trained_from, example.tools)]
+    if example.format in ("prompt_completion", "alpaca"):
+        return [(example.prompt, False, True), (example.completion, True, False), (None, True, False)]
+    raise DataError(f"{example.where}: '{example.format}' rows cannot be used for supervised fine-tuning; "
+                    "use prompt/completion, alpaca, messages or text rows")
+
+
+def render_examples(examples: list[Example], tokenizer, *, train_on_prompt: bool = False,
+                    chat_template: str | None = None) -> list[Rendered]:
+    """`render_example` for many examples at once: every piece of every example is tokenized in one batched
+    call of the tokenizer (two: with and without its special additions), which a fast tokenizer runs
+    much faster than one call per piece. The ids and masks are those of `render_example`."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
+    plans = [example_segments(example, tokenizer, chat_template) for example in examples]
+    encoded = {}
+    for special in (False, True):
+        texts = [text for plan in plans for text, _, with_special in plan if text and with_special == special]
+        encoded[special] = iter(tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else ())
+    out = []
+    for example, plan in zip(examples, plans):
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, trained, special in plan:
+            token_ids = [eos] if text is None else list(next(encoded[special])) if text else []
+            ids.extend(token_ids)
+            mask.extend([1 if trained else 0] * len(token_ids))
+        if train_on_prompt:
+            mask = [1] * len(ids)
+        if mask:
+            mask[0] = 0  # nothing predicts the first token
+        out.append(Rendered(ids, mask, example.where))
+    return out
 
 
 def render_example(example: Example, tokenizer, *, train_on_prompt: bool = False,
@@ -127,39 +230,7 @@ def render_example(example: Example, tokenizer, *, train_on_prompt: bool = False
     the EOS token after it. Message rows train on every assistant turn. With `train_on_prompt`,
     every token is trained.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
-    ids: list[int] = []
-    mask: list[int] = []
-
-    def add(token_ids: list[int], trained: bool) -> None:
-        ids.extend(token_ids)
-        mask.extend([1 if trained else 0] * len(token_ids))
-
-    if example.format == "text":
-        add(tokenize(tokenizer, example.text, special=True) + [eos], True)
-    elif example.format == "messages" or (example.format == "prompt_completion"
-                                          and not isinstance(example.prompt, str)):
-        if example.format == "messages":
-            messages, trained_from = example.messages, 0
-        else:
-            messages = [*example.prompt, {"role": "assistant", "content": example.completion}]
-            trained_from = len(messages) - 1
-        template = require_chat_template(tokenizer, chat_template, example.where)
-        for text, trained in _conversation_segments(messages, tokenizer, template, example.where, trained_from):
-            add(tokenize(tokenizer, text), trained)
-    elif example.format in ("prompt_completion", "alpaca"):
-        add(tokenize(tokenizer, example.prompt, special=True), False)
-        add(tokenize(tokenizer, example.completion) + [eos], True)
-    else:
-        raise DataError(f"{example.where}: '{example.format}' rows cannot be used for supervised fine-tuning; "
-                        "use prompt/completion, alpaca, messages or text rows")
-    if train_on_prompt:
-        mask = [1] * len(ids)
-    if mask:
-        mask[0] = 0  # nothing predicts the first token
-    return Rendered(ids, mask, example.where)
+    return render_examples([example], tokenizer, train_on_prompt=train_on_prompt, chat_template=chat_template)[0]
 
 
 def has_content(example: Example) -> bool:
@@ -167,9 +238,11 @@ def has_content(example: Example) -> bool:
     if example.format == "text":
         return bool(example.text.strip())
     if example.format in ("prompt_completion", "alpaca"):
+        if isinstance(example.completion, list):
+            return has_reply(example.completion)
         return bool(example.completion.strip())
     if example.format == "messages":
-        return any(m["role"] == "assistant" and m["content"].strip() for m in example.messages)
+        return has_reply(example.messages)
     return True
 
 

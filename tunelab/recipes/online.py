@@ -37,11 +37,12 @@ from tunelab.report import report_at_end
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
 from tunelab.rewards import checked_rewards
 
-PROMPT_FORMATS = ("prompt", "prompt_completion", "alpaca", "messages")
+PROMPT_FORMATS = ("prompt", "prompt_completion", "alpaca", "messages", "preference")
 
 
 def prepare_prompts(config, tokenizer):
-    """Prompt texts from prompt-only, prompt/completion, alpaca or messages rows (completions unused)."""
+    """Prompt texts from prompt-only, prompt/completion, alpaca, messages or preference rows (completions and
+    responses unused; a preference row's prompt is the turns its two sides share)."""
     data_config = config.data
 
     def render(example: Example):
@@ -49,7 +50,9 @@ def prepare_prompts(config, tokenizer):
         if example.format == "messages":
             turns = example.messages
             prompt = turns[:-1] if turns[-1]["role"] == "assistant" else turns
-        text = prompt_text(prompt, tokenizer, data_config.chat_template, example.where)
+        if not prompt:
+            return None, "dropped_empty"
+        text = prompt_text(prompt, tokenizer, data_config.chat_template, example.where, example.tools)
         if not text.strip():
             return None, "dropped_empty"
         if len(tokenizer(text)["input_ids"]) > data_config.max_length:
