@@ -94,14 +94,23 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[st
                         help="with --resume: continue even though the data, batch, seed, model, PEFT or optimizer "
                              "settings differ from the run's config.yaml (they are an error otherwise)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument("--report-to", action="append", metavar="TRACKER[,TRACKER]",
+                        help="also log metrics, the config and RL samples to experiment trackers: tensorboard, "
+                             "wandb, mlflow, trackio, or none (default); comma-separated or repeated. Each needs "
+                             "its extra, e.g. pip install \"tunelab[tensorboard]\" (train.report_to)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=16")
+
+
+def _report_to(values: list[str] | None) -> list[str] | None:
+    """`--report-to a,b --report-to c` -> [a, b, c] (None when the flag was not given)."""
+    return None if values is None else [name for value in values for name in value.split(",")]
 
 
 def _recipe_config(cls, args: argparse.Namespace):
     flags = {
         "model.name_or_path": args.model, "data.sources": args.data, "output": args.output,
         "train.max_steps": args.max_steps, "train.epochs": args.epochs, "train.lr": args.lr,
-        "train.batch_size": args.batch_size, "peft": args.peft,
+        "train.batch_size": args.batch_size, "peft": args.peft, "train.report_to": _report_to(args.report_to),
     }
     if hasattr(args, "ref"):
         flags["ref"] = args.ref
@@ -651,9 +660,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tunelab.loop import TrainingError
     from tunelab.modeling import ModelLoadError
     from tunelab.rewards import RewardSourceError
+    from tunelab.trackers import TrackerError
 
     return (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
-            OSError, ValueError)
+            TrackerError, OSError, ValueError)
 
 
 def _error_line(command: str, exc: BaseException, known: bool) -> str:
