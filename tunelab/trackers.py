@@ -227,7 +227,13 @@ class TrackioTracker(Tracker):
             from trackio import AlertLevel
 
             self.run.alert(f"run {status}", f"the run ended: {status}", level=AlertLevel.ERROR)
-        self.run.finish()
+        import trackio
+        from trackio import context_vars
+
+        if context_vars.current_run.get() is self.run:
+            trackio.finish()  # also forgets the run, which trackio would otherwise finish again at exit
+        else:
+            self.run.finish()
 
 
 TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker,
