@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,17 @@ def wandb_records(run: Path) -> list:
     return records
 
 
+def wandb_exit(run: Path, wait_s: float = 20.0) -> list:
+    """The exit records of the offline run; wandb's service may still be writing them just after `finish`
+    returns in this process, so they are waited for."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ends = [r.exit for r in wandb_records(run) if r.WhichOneof("record_type") == "exit"]
+        if ends or time.monotonic() > deadline:
+            return ends
+        time.sleep(0.2)
+
+
 def wandb_history(records) -> dict[int, dict]:
     history: dict[int, dict] = {}
     for record in records:
@@ -239,24 +251,36 @@ def test_mlflow_samples_tables(grpo_run):
                                  for s in samples_at(grpo_run["samples"], step)]
 
 
-def test_mlflow_marks_a_failed_and_an_interrupted_run(world, tmp_path, monkeypatch):
+def test_a_failed_and_an_interrupted_run_are_marked(world, tmp_path, monkeypatch):
+    """MLflow's run status, wandb's exit code and TensorBoard's status text say how the run ended."""
     import tunelab.recipes.sft as sft_module
     from mlflow.tracking import MlflowClient
 
     from tunelab.loop import TrainingError
     from tunelab.recipes.sft import run_sft
 
+    for name, value in tracker_env(tmp_path).items():
+        if name.startswith(("WANDB_", "MLFLOW_")):
+            monkeypatch.setenv(name, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for error, status in ((TrainingError("the loss became nan"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    for error, status, exit_code in ((TrainingError("the loss became nan"), "failed", 1),
+                                     (KeyboardInterrupt(), "killed", 130)):
         def broken_step(module, batch, error=error):
             raise error
         monkeypatch.setattr(sft_module, "sft_step", broken_step)
         output = tmp_path / status
+        config = sft_config(world["model"], world["sft"], output, max_steps=2,
+                            report_to=["mlflow", "wandb", "tensorboard"])
         with pytest.raises(type(error)):
-            run_sft(sft_config(world["model"], world["sft"], output, max_steps=2, report_to=["mlflow"]), quiet=True)
+            run_sft(config, quiet=True)
         client = MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
         [found] = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
-        assert found.info.status == status
+        assert found.info.status == status.upper()
+        [end] = wandb_exit(output)
+        assert end.exit_code == exit_code
+        said = tensorboard_events(output).Tensors("status/text_summary")[-1].tensor_proto.string_val[0].decode()
+        assert said == status
 
 
 # --- trackio: its local SQLite store, through trackio's storage reader -----------------------------------------
@@ -322,6 +346,19 @@ def test_unknown_tracker_lists_the_known_ones(world, tmp_path, capsys):
            "mlflow, trackio, none" in err
     with pytest.raises(ConfigError, match="unknown tracker 'neptune'; known trackers"):
         build_config(SFTConfig, overrides=["train.report_to=[wandb, neptune]"])
+
+
+def test_a_run_that_fails_at_start_leaves_no_tracker_files(world, tmp_path, capsys):
+    """A missing --ref is found after the trackers started: the run's folder goes, tracker files and all, so the
+    corrected command needs no --overwrite."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Write a review of X.", "chosen": " Great.",
+                                                    "rejected": " Bad."}] * 4)
+    out = tmp_path / "run"
+    status = main(["dpo", "--model", str(world["model"]), "--data", str(pairs), "--output", str(out), "--peft",
+                   "none", "--max-steps", "1", "--batch-size", "2", "--quiet", "train.report=false",
+                   "--report-to", "tensorboard", "--ref", str(tmp_path / "missing-ref")])
+    assert status == 2 and "model path does not exist" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_report_to_forms(tmp_path):

@@ -35,6 +35,7 @@ from tunelab.config import TRACKER_NAMES
 LIBRARIES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
              "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio")}
 STATUSES = ("success", "failed", "killed")
+RUN_FILES = ("tensorboard", "wandb", "mlflow.db", "mlartifacts")  # what the trackers write into a run folder
 
 
 class TrackerError(RuntimeError):
