@@ -321,19 +321,22 @@ def test_trackio_samples_table(world, grpo_run):
 
 def test_missing_library_is_an_error_before_any_model_loads(world, tmp_path, monkeypatch, capsys):
     import tunelab.recipes.common as common
+    import tunelab.recipes.grpo as grpo
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
 
     def no_loading(*args, **kwargs):
-        raise AssertionError("the tokenizer was loaded before the tracker check")
+        raise AssertionError("a model was loaded before the tracker check")
     monkeypatch.setattr(common, "load_tokenizer", no_loading)
-    status = main(["sft", "--model", str(world["model"]), "--data", str(world["sft"]), "--output",
-                   str(tmp_path / "run"), "--report-to", "tensorboard,wandb", "--quiet"])
-    err = capsys.readouterr().err
-    assert status == 2
-    assert "train.report_to names wandb, but its library is not installed" in err
-    assert 'pip install "tunelab[wandb]"' in err
-    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(grpo, "load_reward_fn", no_loading)  # GRPO loads its reward model first
+    for recipe, data in (("sft", "sft"), ("grpo", "prompts")):
+        status = main([recipe, "--model", str(world["model"]), "--data", str(world[data]), "--output",
+                       str(tmp_path / recipe), "--report-to", "tensorboard,wandb", "--quiet"])
+        err = capsys.readouterr().err
+        assert status == 2, err
+        assert f"tunelab {recipe}: error: train.report_to names wandb, but its library is not installed" in err
+        assert 'install it with: pip install "tunelab[wandb]"' in err
+        assert not (tmp_path / recipe).exists()
 
 
 def test_unknown_tracker_lists_the_known_ones(world, tmp_path, capsys):
@@ -346,6 +349,19 @@ def test_unknown_tracker_lists_the_known_ones(world, tmp_path, capsys):
            "mlflow, trackio, none" in err
     with pytest.raises(ConfigError, match="unknown tracker 'neptune'; known trackers"):
         build_config(SFTConfig, overrides=["train.report_to=[wandb, neptune]"])
+
+
+def test_wandb_online_without_a_login_says_what_to_do(tmp_path):
+    env = tracker_env(tmp_path)  # HOME is the test's folder: no stored key
+    del env["WANDB_MODE"]
+    code = ("import sys\nfrom tunelab.trackers import TrackerError, WandbTracker\ntry:\n"
+            f"    WandbTracker().start('r', {str(tmp_path / 'run')!r}, {{}})\n"
+            "except TrackerError as exc:\n    print(exc)\nelse:\n    sys.exit('started')\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = done.stdout.strip().splitlines()[-1]
+    assert said.startswith("wandb could not start a run (") and "API key" in said
+    assert "set WANDB_MODE=offline to keep the run on disk (in " + str(tmp_path / "run" / "wandb") in said
 
 
 def test_a_run_that_fails_at_start_leaves_no_tracker_files(world, tmp_path, capsys):

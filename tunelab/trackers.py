@@ -134,8 +134,8 @@ class WandbTracker(Tracker):
                                   config=hparams, tags=[hparams["recipe"]] if "recipe" in hparams else None,
                                   reinit="create_new")
         except Exception as exc:  # wandb raises its own kinds (not logged in, no network)
-            raise TrackerError(f"wandb could not start a run: {exc}. Log in with `wandb login` (or set "
-                               "WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk (in "
+            raise TrackerError(f"wandb could not start a run ({str(exc).strip().rstrip('.')}): log in with `wandb "
+                               "login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run on disk (in "
                                f"{Path(folder) / 'wandb'}; `wandb sync` uploads it later)") from None
 
     def log(self, metrics, step):
@@ -330,11 +330,13 @@ def finish(output: str | Path, status: str) -> None:
         trackers.finish(status)
 
 
-def finishing(run_recipe):
-    """Decorate a `run_<recipe>(config, ...)` function: its trackers end when it returns (success), raises
-    (failed) or is interrupted by a signal (killed)."""
+def tracked(run_recipe):
+    """Decorate a `run_<recipe>(config, ...)` function: a tracker library that is missing is an error before the
+    recipe loads anything (a reward model, the data, the model), and the run's trackers end when it returns
+    (success), raises (failed) or is interrupted by a signal (killed)."""
     @functools.wraps(run_recipe)
     def run(config, *args, **kwargs):
+        check_installed(config.train.report_to)
         try:
             result = run_recipe(config, *args, **kwargs)
         except KeyboardInterrupt:

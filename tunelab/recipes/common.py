@@ -66,7 +66,6 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     every later step (device placement, QLoRA loading) knows its process. On resume the saved config is
     compared with this one first (see `tunelab.runconfig`; `allow_changes` lets any change through).
     """
-    trackers.check_installed(config.train.report_to)  # before anything slow: a missing library is said at once
     state = distributed.state()
     if state.num_processes > 1:
         log(f"processes: {state.num_processes} ({state.distributed_type.value}, {state.backend}, {state.device.type})")
