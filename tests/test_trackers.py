@@ -260,7 +260,7 @@ def test_a_failed_and_an_interrupted_run_are_marked(world, tmp_path, monkeypatch
     from tunelab.recipes.sft import run_sft
 
     for name, value in tracker_env(tmp_path).items():
-        if name.startswith(("WANDB_", "MLFLOW_")):
+        if name.startswith(("WANDB_", "MLFLOW_")) or name == "HOME":
             monkeypatch.setenv(name, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
