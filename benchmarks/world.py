@@ -38,6 +38,11 @@ class WorldSize:
 
 FULL = WorldSize()
 QUICK = WorldSize(sft_rows=32, rm_pairs=24, dpo_pairs=16, ppo_prompts=8)
+# for a GPU: a ~0.48B-parameter model (20 layers of width 1280, 20 heads of 64), the same vocabulary and lengths,
+# and ten times the rows, so that the epoch is long enough to time
+GPU = WorldSize(hidden=1280, layers=20, heads=20, intermediate=3456, sft_rows=2000, rm_pairs=1600, dpo_pairs=960,
+                ppo_prompts=192)
+SIZES = {"quick": QUICK, "full": FULL, "gpu": GPU}
 
 
 def _lengths(rng: random.Random, size: WorldSize, n: int) -> list[int]:

@@ -5,9 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from tunelab.config import DataConfig, DataSource, ModelConfig, SFTConfig, TrainConfig
 from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The trained tensors of a run's final/: the adapter of a PEFT run, the whole model otherwise."""
+    final = Path(run_dir) / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_config.json").is_file() else "model.safetensors"
+    return load_file(final / name)
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """The largest absolute difference between two runs' final tensors (which must have the same names)."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

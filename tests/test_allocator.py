@@ -18,7 +18,9 @@ PROGRAM = textwrap.dedent("""
     def rss_mib():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    if sys.argv[1] == "tuned":
+    if sys.argv[1] in ("tuned", "twice"):
+        assert allocator.tune()
+    if sys.argv[1] == "twice":  # a second command or API call in the same process tunes it again
         assert allocator.tune()
     block = b"x" * (8 << 20)
     del block  # freeing a mapped 8 MiB block: untuned, glibc raises its threshold to 8 MiB
@@ -42,6 +44,11 @@ def resident_after_free(mode: str) -> float:
 def test_freed_blocks_leave_the_process_once_tuned():
     assert resident_after_free("plain") > 150  # 180 MiB freed and still resident
     assert resident_after_free("tuned") < 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_tuning_twice_keeps_the_setting():
+    assert resident_after_free("twice") < 20
 
 
 def test_the_users_own_setting_wins(monkeypatch):

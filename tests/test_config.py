@@ -130,14 +130,17 @@ def test_sections_forbid_unknown_keys_and_validate_assignment():
 
 def test_describe_fields():
     rows = {key: (default, help) for key, default, help in describe_fields(SFTConfig)}
-    assert rows["train.lr"] == ("None", "peak learning rate (default 2e-4 with LoRA, 2e-5 full)")
+    assert rows["train.lr"] == ("None", "peak learning rate (null: 0.0002 with peft=lora or qlora; 0.03 with "
+                                "peft=prompt; 2e-05 with peft=none)")
     assert rows["lora.r"] == ("8", "LoRA rank")
     assert rows["data.sources"] == ("[]", "datasets to mix (--data)")
     assert rows["data.overlong"][0] == "'truncate'"
     assert "data" not in rows and "train" not in rows and "data.sources.path" not in rows
     leaves = {f"{section}.{name}" for section in ("model", "data", "lora", "prompt_tuning", "quantization", "train")
               for name in type(getattr(SFTConfig(), section)).model_fields}
-    assert set(rows) == leaves | {"peft", "output"}
+    items = {f"data.sources.N.{name}" for name in DataSource.model_fields}
+    assert set(rows) == leaves | items | {"peft", "output"}
+    assert rows["data.sources.N.path"][0] == "required" and rows["data.sources.N.format"][0] == "'auto'"
 
 
 # ----------------------------------------------------------------------------- unknown keys

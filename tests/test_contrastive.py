@@ -357,7 +357,8 @@ def test_pretrained_minilm_learns_invented_topics_and_loads_in_sentence_transfor
 def test_two_processes_equal_one_with_grad_accum(tmp_path, tiny_dir):
     """Negatives are per process: 2 processes with batch 4 end at the weights of 1 process with batch 4 and
     grad_accum 2. Gradient caching is refused on several processes."""
-    from tests.test_multiprocess import launch, weights
+    from tests.helpers import max_weight_diff
+    from tests.test_multiprocess import launch
 
     data = write_jsonl(tmp_path / "pairs.jsonl", retrieval_rows(6, 4, seed=5))
     common = ["contrastive", "--model", str(tiny_dir), "--data", str(data), "--max-steps", "3", "--peft", "none",
@@ -365,8 +366,7 @@ def test_two_processes_equal_one_with_grad_accum(tmp_path, tiny_dir):
     launch(2, tmp_path / "record", common + ["--output", str(tmp_path / "two")])
     # the reference run goes through the same launcher, so both use one thread per process and sum in one order
     launch(1, tmp_path / "record1", common + ["--output", str(tmp_path / "one"), "train.grad_accum=2"])
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
 def test_grad_cache_refused_on_several_processes(tmp_path, tiny_dir, monkeypatch):

@@ -225,7 +225,7 @@ def test_a_full_disk_writing_embeddings_names_the_file(tiny_dir, tmp_path, monke
 
 
 def test_eval_limit_below_one_is_refused_from_python_too(tiny_dir, prompts):
-    from tunelab.evaluate import run_eval
+    from tunelab.evaluation import run_eval
 
     with pytest.raises(ValueError, match="limit must be 1 or more"):
         run_eval(str(tiny_dir), str(prompts), limit=-2)
@@ -419,7 +419,7 @@ def test_terminal_file_name_and_markdown_escaping():
 
 
 def test_eval_table_escapes_model_names():
-    from tunelab.evaluate import markdown_table
+    from tunelab.evaluation import markdown_table
 
     table = markdown_table({"evil|<script>": {"n": 2, "bleu": 1.5}})
     assert table.splitlines()[2] == "| evil\\|&lt;script&gt; | 2 | 1.5 |"

@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers import make_tiny_model_dir, write_jsonl
 from tunelab.cli import main
-from tunelab.evaluate import bleu, few_shot_prompts, kl_to_reference, markdown_table, perplexity, rouge, win_rate
+from tunelab.evaluation import bleu, few_shot_prompts, kl_to_reference, markdown_table, perplexity, rouge, win_rate
 from tunelab.data.templates import Rendered
 from tunelab.generation import GenerationOptions, PromptRow, chat_loop
 from tunelab.modeling import load_for_inference

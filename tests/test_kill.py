@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.helpers import instruction_rows, make_tiny_model_dir, write_jsonl
+from tests.helpers import instruction_rows, make_tiny_model_dir, max_weight_diff, write_jsonl
 from tests.kill_worker import run_cli
 from tunelab.jsonlog import read_jsonl
 
@@ -89,18 +87,6 @@ def wait_until(condition, process, log: Path) -> None:
         time.sleep(0.02)
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    final = run_dir / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(final / name)
-
-
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-
-
 @pytest.fixture(scope="module")
 def straight(world, tmp_path_factory):
     """Uninterrupted sft and ppo runs, the references."""
@@ -117,7 +103,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def resume_and_compare(argv: list[str], run_dir: Path, reference: Path, log: Path, steps: int) -> str:
     """Resume the stopped run; it must end at the reference's weights with a complete, clean log."""
     assert run(argv + ["--resume"], log) == 0, log.read_text()
-    diff = max_diff(run_dir, reference)
+    diff = max_weight_diff(run_dir, reference)
     print(f"max weight difference after resume: {diff:.3g}")
     assert diff <= 1e-6, diff
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r or "score_mean" in r] \
@@ -182,7 +168,7 @@ def test_ppo_stopped_mid_iteration_resumes_to_the_uninterrupted_weights(world, s
         assert "error: nothing to resume in" in (tmp_path / "resume.log").read_text()
         argv = argv + ["--overwrite"]
         assert run(argv, tmp_path / "again.log") == 0
-        diff = max_diff(run_dir, straight / "ppo")
+        diff = max_weight_diff(run_dir, straight / "ppo")
         print(f"max weight difference after starting again: {diff:.3g}")
         assert diff <= 1e-6, diff
         return

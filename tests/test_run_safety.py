@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import tunelab.checkpoint as checkpoint_module
 import tunelab.recipes.common as common_module
 import tunelab.recipes.sft as sft_module
-from tests.helpers import instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
+from tests.helpers import final_weights, instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
 from tunelab.checkpoint import RunDir, RunDirError
 from tunelab.cli import main
 from tunelab.jsonlog import JsonlError, read_jsonl
@@ -39,10 +39,6 @@ def straight(world, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     run_sft(sft_config(model, data, run_dir, **TRAIN), quiet=True)
     return run_dir
-
-
-def final_weights(run_dir):
-    return load_file(run_dir / "final" / "adapter_model.safetensors")
 
 
 def assert_same_weights(a, b):
@@ -236,7 +232,8 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_last_goo
 
 def test_a_full_disk_while_writing_final_leaves_no_final(world, tmp_path, monkeypatch):
     model, data = world
-    monkeypatch.setattr(common_module, "save_pretrained", _no_space_on(1, common_module.save_pretrained))
+    # the two checkpoints save their model/ first: call 3 is final/'s
+    monkeypatch.setattr(common_module, "save_pretrained", _no_space_on(3, common_module.save_pretrained))
     with pytest.raises(RunDirError, match=r"no space left on the device while writing final/: it needs about .* "
                                           r"the last good checkpoint .*step-4 is intact"):
         run_sft(sft_config(model, data, tmp_path / "run", **TRAIN), quiet=True)

@@ -383,6 +383,8 @@ def test_report_to_forms(tmp_path):
     assert build_config(SFTConfig, yaml_path=str(yaml_file)).train.report_to == ["mlflow", "tensorboard"]
     assert build_config(SFTConfig, overrides=["train.report_to=wandb,trackio,wandb"]).train.report_to == \
         ["wandb", "trackio"]
+    assert build_config(SFTConfig, flags={"train.report_to": ["tensorboard,wandb", "mlflow"]}).train.report_to == \
+        ["tensorboard", "wandb", "mlflow"]  # --report-to tensorboard,wandb --report-to mlflow
     assert build_config(SFTConfig, overrides=["train.report_to=none"]).train.report_to == []
     assert build_config(SFTConfig).train.report_to == []
     with pytest.raises(ConfigError, match="'none' cannot be combined with other trackers"):

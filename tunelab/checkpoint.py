@@ -3,7 +3,8 @@
 runs/<name>/
   config.yaml            the fully resolved config
   metrics.jsonl          one JSON object per logged step
-  checkpoints/step-<N>/  trainable weights, optimizer, scheduler, RNG, data position
+  checkpoints/step-<N>/  trainable weights, optimizer, scheduler, RNG, data position; model/: the model as
+                         final/ holds it, loadable with plain transformers/peft
   final/                 model or adapter + tokenizer, loadable with plain transformers/peft
 
 Everything is written into a hidden temporary directory beside its target and renamed into place,
@@ -327,9 +328,16 @@ def _torch_optimizer(optimizer):
 ENGINE_DIR = "deepspeed"
 
 
+MODEL_DIR = "model"
+
+
 def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, scheduler, position: dict,
-                    keep_last: int, engine=None) -> Path:
+                    keep_last: int, engine=None, export=None) -> Path:
     """Write checkpoint `step-<step>` atomically, then delete all but the newest `keep_last`.
+
+    `export`, when given, is called on every process (it may gather sharded weights) and returns a function
+    that writes the model as `save_pretrained` does into a folder: the checkpoint's `model/`, loadable with
+    plain transformers / peft like final/. Resuming reads only the files beside it.
 
     Called on every process: each one's RNG state is gathered, sharded weights and optimizer state
     (FSDP2) are gathered whole, and the main process writes it all (`rng-<rank>.safetensors`, one per
@@ -359,6 +367,8 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
     else:
         with distributed.gathered(module):
             weights = trainable_state(module) if distributed.is_main() else None
+    write_model = export() if export is not None else None
+
     def write() -> None:
         saved_optimizer = None if engine is not None else optimizer_state if sharded else optimizer.state_dict()
         good = run.latest_checkpoint()
@@ -377,6 +387,8 @@ def save_checkpoint(run: RunDir, step: int, module: nn.Module, optimizer, schedu
                 state = {"step": step, **position, "world_size": len(rng_states),
                          "rng": [p for _, p in rng_states]}
                 (tmp / "state.json").write_text(json.dumps(state))
+                if write_model is not None:
+                    write_model(tmp / MODEL_DIR)
         except OSError as exc:
             needed = state_bytes(weights) + state_bytes(saved_optimizer) + state_bytes(rng_states)
             raise write_failure(f"checkpoint {target.name}", run.checkpoints, exc, needed, good) from exc

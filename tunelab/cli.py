@@ -9,15 +9,15 @@ and `key=value` overrides reach every field of the config (see each verb's --hel
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
 import sys
 from pathlib import Path
 
+from tunelab import __version__
 from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RLOOConfig, RMConfig,
-                            SFTConfig, build_config, describe_fields)
+                            SFTConfig, build_config, describe_fields, lr_default_text)
 
 EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
@@ -75,7 +75,9 @@ def _number(*, at_least: float | None = None, above: float | None = None, at_mos
     return parse
 
 
-def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[str, ...]) -> None:
+def _add_recipe_flags(parser: argparse.ArgumentParser, cls, *, peft_choices: tuple[str, ...]) -> None:
+    """The flags every training verb has; their help says what they mean in recipe `cls`."""
+    notes, train = cls.key_help, cls.model_fields["train"].default_factory()
     parser.add_argument("--model", help="base model: a local directory or a hub name (model.name_or_path)")
     parser.add_argument("--data", action="append", type=_data_source, metavar="PATH[:WEIGHT]",
                         help="training data: .jsonl/.json/.csv/.parquet, a saved datasets directory or a hub "
@@ -83,10 +85,14 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[st
                              "rows) (data.sources)")
     parser.add_argument("--output", help="run directory to create (output)")
     parser.add_argument("--config", help="YAML file with config keys (see below)")
-    parser.add_argument("--max-steps", type=_count(1), help="stop after N optimizer steps (train.max_steps)")
-    parser.add_argument("--epochs", type=_number(above=0), help="passes over the data (train.epochs)")
-    parser.add_argument("--lr", type=_number(above=0), help="peak learning rate (train.lr)")
-    parser.add_argument("--batch-size", type=_count(1), help="examples per micro-batch (train.batch_size)")
+    parser.add_argument("--max-steps", type=_count(1), help=notes.get("train.max_steps", "stop after N optimizer "
+                        "steps (null: train.epochs passes over the data)") + " (train.max_steps)")
+    parser.add_argument("--epochs", type=_number(above=0), help=notes.get("train.epochs", "passes over the data")
+                        + f" (train.epochs; default {train.epochs:g})")
+    parser.add_argument("--lr", type=_number(above=0),
+                        help=f"peak learning rate (train.lr; default {lr_default_text(cls)})")
+    parser.add_argument("--batch-size", type=_count(1), help=notes.get("train.batch_size", "examples per "
+                        "micro-batch") + f" (train.batch_size; default {train.batch_size})")
     parser.add_argument("--peft", choices=peft_choices, help="parameters to train (peft); default lora")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
@@ -101,16 +107,11 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, peft_choices: tuple[st
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=16")
 
 
-def _report_to(values: list[str] | None) -> list[str] | None:
-    """`--report-to a,b --report-to c` -> [a, b, c] (None when the flag was not given)."""
-    return None if values is None else [name for value in values for name in value.split(",")]
-
-
 def _recipe_config(cls, args: argparse.Namespace):
     flags = {
         "model.name_or_path": args.model, "data.sources": args.data, "output": args.output,
         "train.max_steps": args.max_steps, "train.epochs": args.epochs, "train.lr": args.lr,
-        "train.batch_size": args.batch_size, "peft": args.peft, "train.report_to": _report_to(args.report_to),
+        "train.batch_size": args.batch_size, "peft": args.peft, "train.report_to": args.report_to,
     }
     if hasattr(args, "ref"):
         flags["ref"] = args.ref
@@ -122,46 +123,15 @@ def _recipe_config(cls, args: argparse.Namespace):
 def _recipe_command(cls, module: str, function: str):
     """The command of a training recipe: build its config from the flags, run it, print final/."""
     def command(args: argparse.Namespace) -> int:
-        import importlib
-
         from tunelab.distributed import is_main
+        from tunelab.runner import run_recipe
 
-        run = getattr(importlib.import_module(module), function)
-        config = _recipe_config(cls, args)
-        output = Path(config.output) if config.output else None
-        fresh = output is not None and not args.resume and not (output.is_dir() and any(output.iterdir()))
-        try:
-            result = run(config, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
-                         quiet=args.quiet)
-        except BaseException:
-            if fresh and is_main():
-                remove_unstarted_run(output)
-            raise
+        result = run_recipe(module, function, _recipe_config(cls, args), resume=args.resume,
+                            overwrite=args.overwrite, allow_changes=args.allow_changes, quiet=args.quiet)
         if is_main():
             print(result.final_dir)
         return 0
     return command
-
-
-def remove_unstarted_run(folder: Path) -> None:
-    """Remove the config.yaml of a new run that failed before its first step (nothing else written but what its
-    trackers keep in the folder, which goes too), so that the corrected command starts without --overwrite; the
-    folder goes too when that leaves it empty. Called only for a folder that was absent or empty before the run."""
-    import shutil
-
-    from tunelab.trackers import RUN_FILES
-
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    names = {p.name for p in entries}
-    if "config.yaml" not in names or names - {"config.yaml", *RUN_FILES}:
-        return
-    for entry in entries:
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
 
 
 cmd_sft = _recipe_command(SFTConfig, "tunelab.recipes.sft", "run_sft")
@@ -254,10 +224,7 @@ def eval_output_paths(output: str) -> dict[str, Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from tunelab.checkpoint import atomic_write_text
-    from tunelab.evaluate import markdown_table, run_eval
+    from tunelab.evaluation import markdown_table, run_eval, save_eval
     from tunelab.safety import check_output_file
 
     paths = eval_output_paths(args.output) if args.output else {}
@@ -269,9 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = markdown_table({Path(args.model).name or args.model: results})
     print(table)
     if paths:
-        atomic_write_text(paths["results"], json.dumps(results, indent=2) + "\n")
-        atomic_write_text(paths["table"], table + "\n")
-        atomic_write_text(paths["generations"], "".join(json.dumps(g) + "\n" for g in generations))
+        save_eval(paths, results, generations, table)
         print(f"results -> {paths['results']} (table {paths['table']}, generations {paths['generations']})",
               file=sys.stderr)
     return 0
@@ -342,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "SFT, reward modeling, DPO and its reference-free and unpaired kin (SimPO, "
                                      "ORPO, KTO), RLHF with PPO, critic-free RL (GRPO, RLOO), contrastive "
                                      "embeddings, and human preference labeling.")
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}",
+                        help="print tunelab's version and exit")
     parser.add_argument("--debug", action="store_true", help="on an error, print the Python traceback as well as "
                         "the one-line message (also: TUNELAB_DEBUG=1); accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -352,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "token), prompt/completion, alpaca (instruction, input, output) or chat messages "
                          "(loss on assistant turns); the loss covers completions only unless "
                          "data.train_on_prompt=true.", epilog=_keys_epilog(SFTConfig), formatter_class=formatter)
-    _add_recipe_flags(sft, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(sft, SFTConfig, peft_choices=PEFT_CHOICES)
     sft.set_defaults(func=cmd_sft)
 
     rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs",
@@ -363,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reward.center_coef * mean((r_chosen + r_rejected)^2). With LoRA the score head trains "
                         "in full. Pairs that are empty or identical are dropped and counted.",
                         epilog=_keys_epilog(RMConfig), formatter_class=formatter)
-    _add_recipe_flags(rm, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(rm, RMConfig, peft_choices=PEFT_CHOICES)
     rm.set_defaults(func=cmd_rm)
 
     dpo = sub.add_parser("dpo", help="direct preference optimization on preference pairs (no reward model)",
@@ -380,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "sigmoid(log odds(chosen) - log odds(rejected)), odds of the per-token mean "
                          "probability; beta is its lambda, default 0.1).",
                          epilog=_keys_epilog(DPOConfig), formatter_class=formatter)
-    _add_recipe_flags(dpo, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(dpo, DPOConfig, peft_choices=PEFT_CHOICES)
     dpo.add_argument("--ref", help="reference model (default: the starting model --model; not with simpo or "
                      "orpo) (ref)")
     dpo.set_defaults(func=cmd_dpo)
@@ -399,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--ref. Logged: loss, rewards of desirable and undesirable rows, kl (z0), and on held-out "
                          "pairs reward accuracy and margin.",
                          epilog=_keys_epilog(KTOConfig), formatter_class=formatter)
-    _add_recipe_flags(kto, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(kto, KTOConfig, peft_choices=PEFT_CHOICES)
     kto.add_argument("--ref", help="reference model (default: the starting model --model) (ref)")
     kto.set_defaults(func=cmd_kto)
 
@@ -411,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and runs ppo.epochs of clipped policy and value updates. --max-steps is the number of "
                          "iterations. With LoRA one base model serves policy, value head and reference.",
                          epilog=_keys_epilog(PPOConfig), formatter_class=formatter)
-    _add_recipe_flags(ppo, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(ppo, PPOConfig, peft_choices=PEFT_CHOICES)
     ppo.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                      "module:function (reward.source)")
     ppo.set_defaults(func=cmd_ppo)
@@ -437,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "reward as -rl.kl_coef x the response's summed log-ratio (rl.kl=reward, the default), a "
                           "k3 term in the loss (rl.kl=loss), or off (rl.kl=off: no reference loaded).",
                           epilog=_keys_epilog(RLOOConfig), formatter_class=formatter)
-    for parser_, command in ((grpo, cmd_grpo), (rloo, cmd_rloo)):
-        _add_recipe_flags(parser_, peft_choices=PEFT_CHOICES)
+    for parser_, command, cls in ((grpo, cmd_grpo, GRPOConfig), (rloo, cmd_rloo, RLOOConfig)):
+        _add_recipe_flags(parser_, cls, peft_choices=PEFT_CHOICES)
         parser_.add_argument("--reward", help="reward source: a tunelab rm run/model dir, pipeline:MODEL, or "
                              "module:function (reward.source)")
         parser_.set_defaults(func=command)
@@ -458,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same gradient with the activations of N texts (one process only). Held-out accuracy@1, recall@k and "
         "MRR are logged before and after. final/ loads with transformers AutoModel (LoRA merged in) and, for an "
         "encoder, as a SentenceTransformer.", epilog=_keys_epilog(ContrastiveConfig), formatter_class=formatter)
-    _add_recipe_flags(contrastive, peft_choices=PEFT_CHOICES)
+    _add_recipe_flags(contrastive, ContrastiveConfig, peft_choices=PEFT_CHOICES)
     contrastive.set_defaults(func=cmd_contrastive)
 
     embed = sub.add_parser("embed", help="write one embedding per text of a file (.npy, .jsonl or .parquet)",
@@ -560,11 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save a standalone model",
-                           description="Merge a LoRA adapter (a run directory or its final/) into its base model "
-                           "and write a standalone Hugging Face model: safetensors weights, tokenizer and "
-                           "generation config, loadable with AutoModelFor*.from_pretrained. --output must lie "
+                           description="Merge a LoRA adapter (a run directory, its final/ or a checkpoint "
+                           "checkpoints/step-N) into its base model "
+                           "and write a standalone Hugging Face model: "
+                           "safetensors weights, tokenizer, generation config (stopping at the chat's end-of-turn "
+                           "token) and the run's model card, loadable with AutoModelFor*.from_pretrained. --output must lie "
                            "outside the run, the adapter and its base model.")
-    merge.add_argument("adapter", help="run directory or adapter directory")
+    merge.add_argument("adapter", help="run directory, checkpoint directory or adapter directory")
     merge.add_argument("--output", required=True, help="directory for the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace what --output holds even when it is not "
                        "an earlier merge (an earlier merge's folder is replaced without it)")
@@ -573,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a model, run or LoRA adapter as a GGUF file for llama.cpp",
                             description="Export a causal LM (Llama/SmolLM, Mistral, Qwen2, Qwen3) to one GGUF file in "
                             "llama.cpp's layout, which transformers also loads (from_pretrained(dir, gguf_file=...)): "
-                            "a run directory (its final/), a LoRA adapter (merged into its base first) or a model "
-                            "directory. The file "
+                            "a run directory (its final/), a checkpoint (its model/), a LoRA adapter (merged into its "
+                            "base first) or a model directory. The run's model card goes beside the file "
+                            "(model.gguf -> model.md). The file "
                             "holds the weights (--dtype f32, f16 or q8_0 for the matrices; norms stay float32), the "
                             "model's shape and the tokenizer with its chat template. Prints the file's path.")
     export.add_argument("run", help="run directory, LoRA adapter directory or model directory")

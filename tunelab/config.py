@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,16 +25,15 @@ TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 def tracker_names(value: Any) -> list[str]:
-    """`report_to` as a list of tracker names: a list, or a string of comma-separated names; `none` means no
-    tracker. An unknown name is an error listing the known ones."""
+    """`report_to` as a list of tracker names: a list, or a string, of comma-separated names (`--report-to a,b
+    --report-to c`); `none` means no tracker. An unknown name is an error listing the known ones."""
     if value is None:
         return []
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
         raise ValueError("must be a list of tracker names or a comma-separated string")
     names = []
-    for item in items:
-        name = str(item).strip().lower()
+    for name in (part.strip().lower() for item in items for part in item.split(",")):
         if name and name not in names:
             names.append(name)
     for name in names:
@@ -96,7 +95,8 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default 2e-4 with LoRA, 2e-5 full)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (null: the recipe's default for the PEFT "
+                             "method)")
     epochs: float = Field(1.0, gt=0, description="passes over the training data")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(8, ge=1, description="examples per micro-batch")
@@ -116,7 +116,10 @@ class TrainConfig(Section):
         "that a micro-batch's activations take about 160 MiB on a CPU, 1 GiB on an accelerator; null: off)")
     log_every: int = Field(10, ge=1, description="write metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_every: int = Field(
+        0, ge=0, description="checkpoint every N steps, and once more at the end (0: no checkpoints, only final/; "
+        "a run killed before final/ then cannot be resumed, while Ctrl-C or SIGTERM still write one); each "
+        "checkpoint's model/ loads like final/")
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
     report: bool = Field(True, description="write plots/ and report.md into the run directory at the end")
@@ -165,6 +168,9 @@ class PromptTuningConfig(Section):
 
 class RecipeConfig(Section):
     """Sections every training recipe has."""
+
+    # what a shared key means in this recipe, where it differs from the shared description (shown in --help)
+    key_help: ClassVar[dict[str, str]] = {}
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -314,8 +320,21 @@ class PPOSection(Section):
         "value head on the policy trunk")
 
 
+ONLINE_KEY_HELP = {
+    "train.max_steps": "iterations to run (each: sample responses for train.batch_size prompts, score them, then "
+    "{updates}) (null: train.epochs passes over the prompts)",
+    "train.batch_size": "prompts per iteration, a total over processes{each}",
+    "train.epochs": "passes over the prompts, when train.max_steps is not set",
+    "train.grad_accum": "not used: each optimizer step takes {minibatch}",
+}
+
+
 class PPOConfig(RecipeConfig):
     """RLHF with PPO: train.max_steps = iterations, train.batch_size = prompts per rollout."""
+
+    key_help: ClassVar[dict[str, str]] = {key: text.format(
+        updates="ppo.epochs passes of clipped updates over minibatches of ppo.minibatch_size rollouts", each="",
+        minibatch="ppo.minibatch_size rollouts") for key, text in ONLINE_KEY_HELP.items()}
 
     reward: PPORewardConfig = Field(default_factory=PPORewardConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -365,6 +384,11 @@ class RLOOSection(GroupRLSection):
 
 class GRPOConfig(RecipeConfig):
     """GRPO: train.max_steps = iterations, train.batch_size = prompts per rollout (each sampled K times)."""
+
+    key_help: ClassVar[dict[str, str]] = {key: text.format(
+        updates="rl.epochs passes of clipped updates over minibatches of rl.minibatch_size responses",
+        each=", each sampled rl.num_generations times", minibatch="rl.minibatch_size responses (null: the whole "
+        "rollout batch)") for key, text in ONLINE_KEY_HELP.items()}
 
     reward: PPORewardConfig = Field(default_factory=PPORewardConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -517,11 +541,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: dict[str, Any] | None = None,
-                 overrides: list[str] | None = None) -> Any:
+                 overrides: list[str] | None = None, settings: dict[str, tuple[Any, str]] | None = None) -> Any:
     """Build a config of type `cls` from defaults, a YAML file, CLI flag values and `key=value` overrides.
 
-    `flags` maps dotted keys to values; `None` values are skipped (the flag was not given).
-    Raises ConfigError naming the key, its source and what was expected.
+    `flags` maps dotted keys to values; `None` values are skipped (the flag was not given). `settings` (the
+    Python API's arguments) maps dotted keys to `(value, where it was set)`, applied after the flags and before
+    the overrides, `None` included (it means null). Raises ConfigError naming the key, its source and what
+    was expected.
     """
     tree: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -546,6 +572,9 @@ def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: d
         if value is not None:
             _set_dotted(tree, key, value)
             origins[key] = f"from flag for {key}"
+    for key, (value, where) in (settings or {}).items():
+        _set_dotted(tree, key, value)
+        origins[key] = where
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -584,8 +613,25 @@ def config_to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def lr_defaults(cls: type[RecipeConfig]) -> dict[str, float]:
+    """The learning rate a recipe uses when train.lr is not set, for each PEFT method."""
+    methods = typing.get_args(RecipeConfig.model_fields["peft"].annotation)
+    return {method: cls(peft=method).resolved_lr() for method in methods}
+
+
+def lr_default_text(cls: type[RecipeConfig]) -> str:
+    """`5e-05 with lora, qlora or prompt; 5e-07 with none`: the recipe's default learning rates, in words."""
+    by_value: dict[float, list[str]] = {}
+    for method, value in lr_defaults(cls).items():
+        by_value.setdefault(value, []).append(method)
+    return "; ".join(f"{value:g} with peft={' or '.join(methods)}" for value, methods in by_value.items())
+
+
 def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every leaf field: the `key=value` reference in --help."""
+    """(dotted key, default, description) for every leaf field: the `key=value` reference in --help.
+
+    The items of a list of sections (data.sources) are described as `data.sources.N.KEY`. A recipe's own
+    meaning of a shared key (`key_help`) and its default learning rates replace the shared descriptions."""
     rows = []
     for name, field in cls.model_fields.items():
         sub = _section_type(field.annotation)
@@ -595,4 +641,11 @@ def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, s
         default = field.get_default(call_default_factory=True)
         rows.append((f"{prefix}{name}", repr(default) if not isinstance(default, list) else "[]",
                      field.description or ""))
+        if sub is not None:  # a list of sections: each item's keys
+            for key, item_default, text in describe_fields(sub, f"{prefix}{name}.N."):
+                required = sub.model_fields[key.rsplit(".", 1)[1]].is_required()
+                rows.append((key, "required" if required else item_default, text))
+    if not prefix and isinstance(cls, type) and issubclass(cls, RecipeConfig):
+        notes = {**cls.key_help, "train.lr": f"peak learning rate (null: {lr_default_text(cls)})"}
+        rows = [(key, default, notes.get(key, text)) for key, default, text in rows]
     return rows

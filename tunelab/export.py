@@ -73,6 +73,8 @@ def _source(path: Path) -> Path:
         raise ModelLoadError(f"nothing to export at {path}: the path does not exist")
     if path.is_dir() and (path / "final").is_dir():
         path = path / "final"
+    elif path.is_dir() and (path / "model").is_dir():  # a checkpoint: the model saved in it
+        path = path / "model"
     adapter_file = path / "adapter_config.json"
     if adapter_file.is_file():
         adapter = json.loads(adapter_file.read_text())
@@ -113,7 +115,21 @@ def export_gguf(run_or_model_dir: str, output: str, dtype: str = "f16") -> Path:
     _say(f"loading {source}" + (" (LoRA adapter, merged into its base)"
                                  if (source / "adapter_config.json").is_file() else ""))
     model, tokenizer = load_for_inference(str(source))
-    return write_gguf(model, tokenizer, out, dtype)
+    written = write_gguf(model, tokenizer, out, dtype)
+    card = card_path(out)
+    if source.is_dir() and card is not None:
+        from tunelab.card import carry_card
+
+        if carry_card(source, card, library="gguf", folder=str(out.parent), gguf=out.name,
+                      note=f"This is `{source}` exported to GGUF ({dtype}) by `tunelab export`."):
+            _say(f"model card -> {card}")
+    return written
+
+
+def card_path(output: Path) -> Path | None:
+    """Where the model card of a GGUF file goes: beside it, `model.gguf` -> `model.md`."""
+    card = output.with_suffix(".md")
+    return None if card == output else card
 
 
 # ---------------------------------------------------------------------------------------------------------------

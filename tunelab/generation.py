@@ -73,18 +73,25 @@ def _prompt_row(example: Example, tokenizer, chat_template: str | None) -> Promp
 
 
 def resolve_model_dir(path: str) -> str:
-    """A run directory stands for its final/ model."""
-    return str(Path(path) / "final") if (Path(path) / "final").is_dir() else path
+    """A run directory stands for its final/ model, a checkpoint for its model/."""
+    for inner in ("final", "model"):
+        if (Path(path) / inner).is_dir():
+            return str(Path(path) / inner)
+    return path
+
+
+def generate_rows(model_path: str, examples: list[Example], options: GenerationOptions) -> list[dict]:
+    """A `{prompt, response}` row for every prompt of `examples` (as `prompt_examples` reads them), in order."""
+    model, tokenizer = load_for_inference(resolve_model_dir(model_path))
+    rows = prompt_rows(examples, tokenizer)
+    responses = generate(model, tokenizer, [r.prompt for r in rows], **asdict(options))
+    return [{"prompt": r.prompt, "response": text} for r, text in zip(rows, responses)]
 
 
 def generate_file(model_path: str, prompts_path: str, output: str | None, options: GenerationOptions) -> int:
     """Generate a response for every prompt row; write JSONL {prompt, response} to `output` or stdout."""
-    examples = prompt_examples(prompts_path)
-    model, tokenizer = load_for_inference(resolve_model_dir(model_path))
-    rows = prompt_rows(examples, tokenizer)
-    responses = generate(model, tokenizer, [r.prompt for r in rows], **asdict(options))
-    lines = "".join(json.dumps({"prompt": r.prompt, "response": text}) + "\n" for r, text in zip(rows, responses))
-    write_output(lines, output)
+    rows = generate_rows(model_path, prompt_examples(prompts_path), options)  # the prompts are read first
+    write_output("".join(json.dumps(row) + "\n" for row in rows), output)
     return len(rows)
 
 

@@ -68,15 +68,22 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (its stderr is no terminal, yet it draws tqdm.auto's widget)."""
+    ipython = sys.modules.get("IPython")  # never imported here: a kernel has always imported it
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 class Progress:
-    """A progress bar on a terminal; plain log lines otherwise (or with quiet). Silent on all but the main
-    process, so N processes show one bar."""
+    """A progress bar on a terminal or in a notebook; plain log lines otherwise (or with quiet). Silent on all
+    but the main process, so N processes show one bar."""
 
     def __init__(self, total: int, initial: int, quiet: bool, log_every: int, desc: str):
         self.log_every, self.total = log_every, total
         self.bar = None
         self.silent = not distributed.is_main()
-        if not quiet and not self.silent and sys.stderr.isatty():
+        if not quiet and not self.silent and (sys.stderr.isatty() or in_notebook()):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
@@ -239,7 +246,7 @@ def describe_batch(world: int, batch_size: int, grad_accum: int) -> str:
 def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list[int]]],
           collate: Callable[[list[int]], Batch | list[Batch]], eval_batches: list[Batch], config: TrainConfig, lr: float,
           run: RunDir, resume: bool = False, quiet: bool = False, desc: str = "train",
-          prepare_step: PrepareStepFn | None = None) -> TrainResult:
+          prepare_step: PrepareStepFn | None = None, export=None) -> TrainResult:
     """Optimize the trainable parameters of `module`; see the module docstring for the contract.
 
     `prepare_step(module, [(batch, weight), ...], device)`, when given, runs once per optimizer step before
@@ -308,7 +315,8 @@ def train(*, module: nn.Module, step_fn: StepFn, plan: Callable[[int], list[list
     def checkpoint_now():
         check_weights(raw_module, step, run)
         return save_checkpoint(run, step, raw_module, optimizer, scheduler, {"epoch": epoch, "position": position},
-                               config.keep_last, engine=module if deepspeed else None)
+                               config.keep_last, engine=module if deepspeed else None,
+                               export=(lambda: export(module)) if export is not None else None)
 
     def run_eval() -> dict[str, float]:
         if not eval_batches:

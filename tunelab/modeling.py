@@ -219,9 +219,32 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def save_pretrained(model: nn.Module, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """Write the model (or LoRA adapter) and tokenizer so that transformers/peft load them directly.
 
-    `state_dict`: the model's weights gathered whole, where training sharded them."""
+    A model that generates gets a `generation_config.json` whose `eos_token_id` lists EOS and the chat
+    template's end-of-turn token (`tunelab.eos`), beside an adapter too, so plain `generate` stops where
+    tunelab's does. `state_dict`: the model's weights gathered whole, where training sharded them."""
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(directory)
+    save_generation_config(model, tokenizer, Path(directory))
+    readme = Path(directory) / "README.md"
+    if readme.is_file() and "[More Information Needed]" in readme.read_text(errors="replace"):
+        readme.unlink()  # peft's blank template: final/ gets the run's card instead (tunelab.card)
+
+
+def save_generation_config(model: nn.Module, tokenizer, directory: Path) -> None:
+    """Write the generation config of a causal LM (or the base of an adapter) with the chat's stop tokens."""
+    import copy
+
+    from tunelab.eos import generation_eos
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "generation_config", None)
+    if config is None or not base.can_generate():
+        return
+    config = copy.deepcopy(config)
+    config.eos_token_id = generation_eos(tokenizer)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(directory)
 
 
 def check_adapter_base(adapter_dir: Path) -> None:
@@ -296,6 +319,13 @@ def load_classifier(name_or_path: str) -> tuple[nn.Module, object]:
     return model.eval(), tokenizer
 
 
+def mark_reward_head(model: nn.Module) -> None:
+    """Save a reward model as a regression head labelled `reward`: pipeline("text-classification") then
+    returns its raw score (a one-label classifier would get a sigmoid of it)."""
+    model.config.problem_type = "regression"
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+
+
 def load_reward_model(config: ModelConfig, pad_token_id: int | None,
                       quantization: QuantizationConfig | None = None, trained_head: bool = False) -> nn.Module:
     """A one-output sequence-classification model on a causal LM or an encoder (new head if there was none).
@@ -314,6 +344,7 @@ def load_reward_model(config: ModelConfig, pad_token_id: int | None,
         require_trained_head(config.name_or_path, info)
     model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
     model.config.pad_token_id = pad_token_id
+    mark_reward_head(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -331,6 +362,7 @@ def load_reward_model_for_inference(name_or_path: str, trust_remote_code: bool =
                       num_labels=1, trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):
             model = model.merge_and_unload()
+            mark_reward_head(model)  # what `tunelab merge` saves
     else:
         model = load_reward_model(config, tokenizer.pad_token_id, trained_head=True)
     return model.eval(), tokenizer
@@ -370,6 +402,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, overwrite: bool = False) ->
     path = Path(adapter_dir)
     if (path / "final").is_dir():
         path = path / "final"
+    elif (path / "model").is_dir():  # a checkpoint: the model saved in it
+        path = path / "model"
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} is not a LoRA adapter (no adapter_config.json): it is already a full model, "
@@ -391,6 +425,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, overwrite: bool = False) ->
     with atomic_dir(Path(output_dir)) as tmp:
         save_pretrained(model, tokenizer, tmp)
         (tmp / MERGE_MARK).write_text(json.dumps({"adapter": str(path.resolve()), "base": base}) + "\n")
+        from tunelab.card import carry_card
+
+        carry_card(path, tmp / "README.md", library="transformers", folder=str(output_dir),
+                   note=f"This is the LoRA adapter `{path}` merged into its base weights by `tunelab merge`: a "
+                   "standalone model.")
     return Path(output_dir)
 
 

@@ -73,6 +73,8 @@ class RewardScorer:
         path = Path(path)
         if (path / "final").is_dir():
             path = path / "final"
+        elif (path / "model").is_dir():  # a checkpoint: the model saved in it
+            path = path / "model"
         self.model, self.tokenizer = load_reward_model_for_inference(str(path))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)

@@ -31,10 +31,15 @@ def score_file(model: str, data: str, output: str | None = None, batch_size: int
     All rows are validated before any scoring, and the output file appears only when complete.
     Returns the number of rows scored.
     """
-    rows = load_rows(data)
+    scored = score_rows(model, load_rows(data), batch_size)
+    write_output("".join(json.dumps(row) + "\n" for row in scored), output)
+    return len(scored)
+
+
+def score_rows(model: str, rows: list[Row], batch_size: int = 16) -> list[dict]:
+    """Each row's values with `reward` added (the reward model's score), in order; every row is checked before
+    the model loads."""
     pairs = [_prompt_and_response(row) for row in rows]
     scorer = RewardScorer(model, batch_size=batch_size)
     rewards = scorer.score([p for p, _ in pairs], [r for _, r in pairs])
-    lines = "".join(json.dumps({**row.values, "reward": reward}) + "\n" for row, reward in zip(rows, rewards))
-    write_output(lines, output)
-    return len(rows)
+    return [{**row.values, "reward": reward} for row, reward in zip(rows, rewards)]

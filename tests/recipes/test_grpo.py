@@ -54,6 +54,7 @@ def test_group_rl_raises_the_reward_with_bounded_kl(cls, tiny_dir, prompts, tmp_
     assert all(h["kl"] < 15 for h in history), [h["kl"] for h in history]
     for h in history:
         assert 0 <= h["zero_spread_groups"] <= 1 and h["updates"] == 1 and h["response_length"] == 8
+        assert 0 < h["generate_s"] <= h["rollout_s"]
     assert (result.final_dir / "model.safetensors").is_file()
     # no value head and no critic in what was trained
     saved = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])

@@ -82,9 +82,10 @@ def test_ppo_raises_the_score_while_kl_stays_bounded(tiny_dir, prompts, tmp_path
     assert last > first + 0.5, (first, last)
     assert max(h["kl"] for h in history) < 25  # the penalty holds the policy within reach of the reference
     keys = {"score_mean", "score_std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "clip_fraction",
-            "approx_kl", "explained_variance", "response_length", "eos_rate", "rollout_s", "learn_s"}
+            "approx_kl", "explained_variance", "response_length", "eos_rate", "generate_s", "rollout_s", "learn_s"}
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert keys <= set(logged[0]) and [m["step"] for m in logged] == list(range(1, 31))
+    assert all(0 < m["generate_s"] <= m["rollout_s"] for m in logged)  # sampling is part of the rollout phase
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
@@ -181,7 +182,7 @@ def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, promp
     """The experience pass's forward of the first minibatch serves as the first update's forward: 8 rows fewer
     forwarded per iteration, and the weights end where two separate forwards take them (up to float rounding)."""
     import tunelab.recipes.ppo as ppo_module
-    from tests.test_multiprocess import weights
+    from tests.helpers import final_weights as weights
 
     calls = {"n": 0}
     forward = PolicyWithValueHead.forward

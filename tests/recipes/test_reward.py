@@ -98,8 +98,8 @@ def test_bad_preference_rows_get_clear_messages(tmp_path, tokenizer):
     pairs = data.train + data.held_out
     assert [p.margin for p in pairs] == [1.5, 0.0]
     eos = tokenizer.eos_token_id
-    assert pairs[0].chosen == [tokenizer.bos_token_id] + tokenizer("p", add_special_tokens=False)["input_ids"] + \
-        tokenizer("good", add_special_tokens=False)["input_ids"] + [eos]
+    assert pairs[0].chosen == tokenizer("pgood")["input_ids"]  # one text, as a plain tokenizer call gives it
+    assert pairs[0].chosen[0] == tokenizer.bos_token_id and eos not in pairs[0].chosen
     # implicit-prompt conversations are scored as the whole rendered conversation
     text = tokenizer.decode(pairs[1].chosen, skip_special_tokens=False)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"

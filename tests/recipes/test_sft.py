@@ -10,11 +10,10 @@ import signal
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import tunelab.checkpoint as checkpoint_module
 import tunelab.recipes.sft as sft_module
-from tests.helpers import instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
+from tests.helpers import final_weights, instruction_rows, make_tiny_model_dir, sft_config, write_jsonl
 from tunelab.checkpoint import RunDir, RunDirError
 from tunelab.cli import main
 from tunelab.loop import TrainingError, lr_factor
@@ -33,12 +32,6 @@ def world_dir(tmp_path_factory):
 def metrics(run_dir, split=None):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if m.get("split") == split]
-
-
-def final_weights(run_dir):
-    final = run_dir / "final"
-    name = "adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors"
-    return load_file(final / name)
 
 
 def test_full_finetuning_loss_falls(world_dir, tmp_path):

@@ -40,7 +40,14 @@ def _as_messages(value: str | Messages | None, role: str) -> Messages:
 
 def scored_sequence(prompt: str | Messages | None, response: str | Messages, tokenizer,
                     chat_template: str | None = None, where: str = "") -> list[int]:
-    """Token ids of prompt + response as a reward model reads them."""
+    """Token ids of prompt + response as a reward model reads them, with nothing tunelab adds itself.
+
+    The convention is plain transformers': text rows are `prompt + response` tokenized as one text with the
+    tokenizer's own special tokens (what `pipeline("text-classification")` and a tokenizer call give), an
+    encoder's the pair `(prompt, response)`, chat rows the conversation rendered by the chat template and
+    tokenized as it is (what `apply_chat_template(..., tokenize=True)` gives). The score is read at the last
+    token, so a saved reward model scores a row in plain transformers as it does in tunelab.
+    """
     if isinstance(prompt, list) or isinstance(response, list):
         conversation = _as_messages(prompt, "user") + _as_messages(response, "assistant")
         template = require_chat_template(tokenizer, chat_template, where)
@@ -48,9 +55,7 @@ def scored_sequence(prompt: str | Messages | None, response: str | Messages, tok
     if uses_text_pairs(tokenizer):
         encoded = tokenizer(prompt, response) if prompt else tokenizer(response)
         return list(encoded["input_ids"])
-    if prompt:
-        return tokenize(tokenizer, prompt, special=True) + tokenize(tokenizer, response) + [tokenizer.eos_token_id]
-    return tokenize(tokenizer, response, special=True) + [tokenizer.eos_token_id]
+    return tokenize(tokenizer, (prompt or "") + response, special=True)
 
 
 def no_preference(example: Example) -> str | None:

@@ -34,7 +34,7 @@ from tunelab.data.templates import alpaca_prompt
 from tunelab.demo import world
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import evaluate
-from tunelab.evaluate import bleu, kl_to_reference, markdown_table, render_completions, win_rate
+from tunelab.evaluation import bleu, kl_to_reference, markdown_table, render_completions, win_rate
 from tunelab.modeling import load_for_inference, merge_adapter
 from tunelab.report import write_report
 from tunelab.rewards import RewardScorer

@@ -27,7 +27,7 @@ import torch
 from tunelab.config import (DataConfig, DataSource, DPOConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig,
                             TrainConfig)
 from tunelab.demo.pipeline import MARKER, _prepare_output, _write_jsonl
-from tunelab.evaluate import kl_to_reference, markdown_table, render_completions
+from tunelab.evaluation import kl_to_reference, markdown_table, render_completions
 from tunelab.gguf_files import GGUFError, packaged_smollm2, resolve
 from tunelab.modeling import load_for_inference
 from tunelab.recipes.common import log

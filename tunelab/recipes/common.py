@@ -164,11 +164,23 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
                  eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
                                            config.train.batch_size, collate),
                  config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
-                 desc=desc, prepare_step=prepare_step)
+                 desc=desc, prepare_step=prepare_step, export=model_export(prepared.model, prepared.tokenizer))
 
 
-def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -> Path:
-    """Save the trained model (or adapter) and tokenizer to final/, atomically.
+def model_export(model, tokenizer):
+    """`export(whole)` for checkpoints and final/: gathers `model`'s weights from the prepared module `whole`
+    (on every process, where training sharded them) and returns a function that saves the model (or adapter)
+    and tokenizer into a folder, as plain transformers/peft load them."""
+    def export(whole: nn.Module | None):
+        state = distributed.whole_state_dict(whole, model) if whole is not None else None
+        return lambda folder: save_pretrained(model, tokenizer, folder, state_dict=state)
+    return export
+
+
+def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None, config: RecipeConfig | None = None,
+                data: TokenizedData | None = None) -> Path:
+    """Save the trained model (or adapter) and tokenizer to final/, atomically, with the run's model card
+    (README.md, from `config`, `data` and metrics.jsonl) when `config` is given.
 
     `whole` is the prepared module holding `model` (sharded under FSDP2 or ZeRO-3): every process joins
     in gathering its parameters, and the main process writes.
@@ -181,6 +193,10 @@ def write_final(run: RunDir, model, tokenizer, whole: nn.Module | None = None) -
         try:
             with atomic_dir(run.final, manifest=True) as tmp:
                 save_pretrained(model, tokenizer, tmp, state_dict=state)
+                if config is not None:
+                    from tunelab.card import write_run_card
+
+                    write_run_card(tmp, config, data, run.metrics, run.final)
                 pause.at("final")
         except OSError as exc:
             needed = state_bytes(state if state is not None else model.state_dict())

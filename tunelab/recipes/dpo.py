@@ -199,7 +199,8 @@ def _train_and_finish(prepared, config: DPOConfig, policy: nn.Module, reference:
                           collate=lambda pairs: collate_policy_pairs(pairs, tokenizer.pad_token_id),
                           length=pair_length, desc="dpo",
                           resume=resume, quiet=quiet)
-    final = write_final(prepared.run, policy, tokenizer, whole=result.module)
+    final = write_final(prepared.run, policy, tokenizer, whole=result.module, config=config,
+                        data=prepared.data)
     held = result.eval_metrics
     log(f"dpo done: {result.steps} steps in {result.seconds:.1f}s"
         + (f"; held-out reward accuracy {held['reward_accuracy']:.3f}, margin {held['reward_margin']:.3f}"

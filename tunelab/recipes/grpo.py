@@ -203,6 +203,7 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
     def step(prompts: list[str]) -> Step:
         started = time.time()
         rollout = loop.sample(prompts, repeats=rl.num_generations)
+        generate_s = time.time() - started
         raw_scores = checked_scores(reward_fn(rollout.prompts, rollout.responses), len(rollout.prompts),
                                     config.reward.source)
         scores = shape_scores(raw_scores, rollout.ended, config, distributed.all_gather).to(loop.device)
@@ -213,7 +214,7 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
         started = time.time()
         learned = learn_group(loop, experience, config, order)
         statistics = group_statistics(raw_scores, rollout, experience)
-        record = {**statistics, **learned, "rollout_s": round(rollout_s, 3),
+        record = {**statistics, **learned, "generate_s": round(generate_s, 3), "rollout_s": round(rollout_s, 3),
                   "learn_s": round(time.time() - started, 3)}
         return Step(record, rollout, raw_scores)
 

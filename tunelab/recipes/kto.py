@@ -145,7 +145,8 @@ def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
                                                                  config.data.max_length),
                           length=item_length, desc="kto", resume=resume, quiet=quiet,
                           prepare_step=prepare_kto_step(reference), regroup=with_kl_partners)
-    final = write_final(prepared.run, policy, tokenizer, whole=result.module)
+    final = write_final(prepared.run, policy, tokenizer, whole=result.module, config=config,
+                        data=prepared.data)
     held = result.eval_metrics
     log(f"kto done: {result.steps} steps in {result.seconds:.1f}s"
         + (f"; held-out kl {held['kl']:.3f}" if "kl" in held else "")

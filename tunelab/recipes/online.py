@@ -31,7 +31,8 @@ from tunelab.jsonlog import read_jsonl, trim_jsonl
 from tunelab.loop import (Progress, TrainingError, append_log, build_optimizer, check_grad_norm, check_weights,
                           lr_factor)
 from tunelab.modeling import adapter_disabled, load_causal_lm
-from tunelab.recipes.common import Prepared, batch_plan, micro_batch_budget, split_by_tokens, write_final
+from tunelab.recipes.common import (Prepared, batch_plan, micro_batch_budget, model_export, split_by_tokens,
+                                    write_final)
 from tunelab.report import report_at_end
 from tunelab.rollout import LengthSampler, Rollout, sample_rollouts
 from tunelab.rewards import checked_rewards
@@ -244,7 +245,8 @@ class OnlineLoop:
         check_weights(self.raw, self.iteration, self.prepared.run, "iteration")
         return save_checkpoint(self.prepared.run, self.iteration, self.raw, self.optimizer, self.scheduler,
                         {"epoch": self.epoch, "position": self.position, **self.state()},
-                        self.config.train.keep_last, engine=self.module if self.deepspeed else None)
+                        self.config.train.keep_last, engine=self.module if self.deepspeed else None,
+                        export=lambda: model_export(self.prepared.model, self.prepared.tokenizer)(self.raw))
 
     def run(self, step: Callable[[list[str]], Step]) -> list[dict]:
         """Iterate to `train.max_steps`; returns the records of the iterations run here."""
@@ -271,6 +273,8 @@ class OnlineLoop:
                     f"checkpoint ({run.latest_checkpoint() or 'none'})")
                 raise
         self.progress.close()
+        if train.save_every and self.iteration % train.save_every:  # the end, as the supervised loop does
+            self.checkpoint()
         return history
 
     def records(self) -> list[dict]:
@@ -297,7 +301,8 @@ class OnlineLoop:
 
     def finish(self):
         """Write final/ (the policy) and the report; returns final/'s path."""
-        final = write_final(self.prepared.run, self.prepared.model, self.prepared.tokenizer, whole=self.raw)
+        final = write_final(self.prepared.run, self.prepared.model, self.prepared.tokenizer, whole=self.raw,
+                            config=self.config, data=self.prepared.data)
         if self.accelerator.is_main_process:
             report_at_end(self.prepared.run.path, self.config.train.report)
         return final

@@ -171,6 +171,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     def step(prompts: list[str]) -> Step:
         started = time.time()
         rollout = loop.sample(prompts)
+        generate_s = time.time() - started
         raw_scores = checked_scores(reward_fn(rollout.prompts, rollout.responses), len(prompts),
                                     config.reward.source)
         scores = shape_scores(raw_scores, rollout.ended, config, distributed.all_gather).to(loop.device)
@@ -185,7 +186,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
                   "kl": statistics["kl"], "kl_coef": controller.value, **learned,
                   "explained_variance": statistics["explained_variance"],
                   "response_length": statistics["response_length"], "eos_rate": statistics["eos_rate"],
-                  "rollout_s": round(rollout_s, 3), "learn_s": round(time.time() - started, 3)}
+                  "generate_s": round(generate_s, 3), "rollout_s": round(rollout_s, 3), "learn_s": round(time.time() - started, 3)}
         if ppo.adaptive_kl:
             controller.update(statistics["kl"], len(prompts) * world)
         return Step(record, rollout, raw_scores)

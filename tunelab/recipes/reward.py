@@ -72,7 +72,8 @@ def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False,
                           collate=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id),
                           length=lambda pair: max(len(pair.chosen), len(pair.rejected)), desc="rm", resume=resume,
                           quiet=quiet)
-    final = write_final(prepared.run, model, tokenizer, whole=result.module)
+    final = write_final(prepared.run, model, tokenizer, whole=result.module, config=config,
+                        data=prepared.data)
     held = result.eval_metrics
     log(f"rm done: {result.steps} steps in {result.seconds:.1f}s"
         + (f"; held-out accuracy {held['accuracy']:.3f}, margin {held['margin']:.3f}" if held else "")

@@ -55,7 +55,8 @@ def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     result = train_recipe(prepared, config, module=LogprobModel(model, config.train.logprob_chunk),
                           step_fn=sft_step, collate=lambda rows: collate_rendered(rows, tokenizer.pad_token_id),
                           length=lambda row: len(row.ids), desc="sft", resume=resume, quiet=quiet)
-    final = write_final(prepared.run, model, tokenizer, whole=result.module)
+    final = write_final(prepared.run, model, tokenizer, whole=result.module, config=config,
+                        data=prepared.data)
     eval_loss = result.eval_metrics.get("loss")
     train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "not logged"
     log(f"sft done: {result.steps} steps in {result.seconds:.1f}s, last train loss {train_loss}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -196,3 +197,15 @@ def markdown_table(results: dict[str, dict]) -> str:
         cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
         lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def save_eval(paths: dict[str, Path], results: dict, generations: list[dict], table: str) -> None:
+    """Write an evaluation's metrics (JSON, flat keys), its table (Markdown) and its generations (JSONL) to the
+    files `paths` names (keys results, table, generations), each atomically."""
+    import json
+
+    from tunelab.checkpoint import atomic_write_text
+
+    atomic_write_text(paths["results"], json.dumps(results, indent=2) + "\n")
+    atomic_write_text(paths["table"], table + "\n")
+    atomic_write_text(paths["generations"], "".join(json.dumps(g) + "\n" for g in generations))
