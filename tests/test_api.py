@@ -233,8 +233,9 @@ def test_interrupt_saves_a_checkpoint_raises_and_resumes(world, tmp_path, monkey
     check_run(resumed, tmp_path / "run", "sft", 3)
 
 
-SAMPLE_FLAGS = {"model": "m", "data": [{"path": "d.jsonl", "weight": 0.5}], "eval_data": [{"path": "e.jsonl"}], "output": "o",
-                "max_steps": 3, "epochs": 2.0, "lr": 1e-3, "batch_size": 2, "peft": "none", "ref": "r", "reward": "pkg.mod:fn"}
+SAMPLE_FLAGS = {"model": "m", "data": [{"path": "d.jsonl", "weight": 0.5}], "eval_data": [{"path": "e.jsonl"}],
+                "output": "o", "max_steps": 3, "epochs": 2.0, "lr": 1e-3, "batch_size": 2, "peft": "none", "ref": "r",
+                "reward": "pkg.mod:fn", "report_to": ["tensorboard,wandb", "mlflow"]}
 
 
 @pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "contrastive"])

@@ -39,7 +39,8 @@ from tunelab.config import (ConfigError, ContrastiveConfig, DPOConfig, GRPOConfi
 # the flags of the training commands and the config key each one sets (tunelab.cli._recipe_config)
 RECIPE_FLAGS = {"model": "model.name_or_path", "data": "data.sources", "eval_data": "data.eval_sources",
                 "output": "output", "max_steps": "train.max_steps", "epochs": "train.epochs", "lr": "train.lr",
-                "batch_size": "train.batch_size", "peft": "peft", "ref": "ref", "reward": "reward.source"}
+                "batch_size": "train.batch_size", "peft": "peft", "ref": "ref", "reward": "reward.source",
+                "report_to": "train.report_to"}
 RUN_OPTIONS = ("resume", "overwrite", "allow_changes", "quiet")  # how to run, not what: no config key
 LAYERS = ("config", "overrides")
 

@@ -112,6 +112,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, cls, *, peft_choices: tup
                         help="with --resume: continue even though the data, batch, seed, model, PEFT or optimizer "
                              "settings differ from the run's config.yaml (they are an error otherwise)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    parser.add_argument("--report-to", action="append", metavar="TRACKER[,TRACKER]",
+                        help="also log metrics, the config and RL samples to experiment trackers: tensorboard, "
+                             "wandb, mlflow, trackio, or none (default); comma-separated or repeated. Each needs "
+                             "its extra, e.g. pip install \"tunelab[tensorboard]\" (train.report_to)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.r=16")
 
 
@@ -119,7 +123,7 @@ def _recipe_config(cls, args: argparse.Namespace):
     flags = {
         "model.name_or_path": args.model, "data.sources": args.data, "output": args.output,
         "train.max_steps": args.max_steps, "train.epochs": args.epochs, "train.lr": args.lr,
-        "train.batch_size": args.batch_size, "peft": args.peft,
+        "train.batch_size": args.batch_size, "peft": args.peft, "train.report_to": args.report_to,
     }
     if hasattr(args, "eval_data"):
         flags["data.eval_sources"] = args.eval_data
@@ -649,9 +653,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tunelab.loop import TrainingError
     from tunelab.modeling import ModelLoadError
     from tunelab.rewards import RewardSourceError
+    from tunelab.trackers import TrackerError
 
     return (ConfigError, DataError, ModelLoadError, RunDirError, TrainingError, RewardSourceError, LaunchError,
-            OSError, ValueError)
+            TrackerError, OSError, ValueError)
 
 
 def _error_line(command: str, exc: BaseException, known: bool) -> str:

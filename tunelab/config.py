@@ -21,6 +21,31 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message says which, where and what was expected."""
 
 
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def tracker_names(value: Any) -> list[str]:
+    """`report_to` as a list of tracker names: a list, or a string, of comma-separated names (`--report-to a,b
+    --report-to c`); `none` means no tracker. An unknown name is an error listing the known ones."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError("must be a list of tracker names or a comma-separated string")
+    names = []
+    for name in (part.strip().lower() for item in items for part in item.split(",")):
+        if name and name not in names:
+            names.append(name)
+    for name in names:
+        if name not in (*TRACKER_NAMES, "none"):
+            close = difflib.get_close_matches(name, TRACKER_NAMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown tracker '{name}'{hint}; known trackers: {', '.join(TRACKER_NAMES)}, none")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"'none' cannot be combined with other trackers (got {', '.join(names)})")
+    return [name for name in names if name != "none"]
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys and non-finite numbers are rejected, assignments are validated."""
 
@@ -134,7 +159,15 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1, description="checkpoints kept on disk")
     logprob_chunk: int = Field(2048, ge=1, description="tokens per LM-head chunk when computing log-probs")
     report: bool = Field(True, description="write plots/ and report.md into the run directory at the end")
+    report_to: list[Literal[TRACKER_NAMES]] = Field(
+        default_factory=list, description="experiment trackers that also receive every metric of metrics.jsonl, "
+        "the config and RL samples: tensorboard, wandb, mlflow, trackio, as a list or comma-separated "
+        "(--report-to); none or []: none (metrics.jsonl and plots only)")
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_names(cls, value):
+        return tracker_names(value)
 
     @field_validator("micro_batch_tokens")
     @classmethod

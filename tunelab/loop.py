@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tunelab import distributed, pause, precision, stopping
+from tunelab import distributed, pause, precision, stopping, trackers
 from tunelab.checkpoint import RunDir, checkpoint_to_resume, load_checkpoint, save_checkpoint, write_failure
 from tunelab.config import TrainConfig
 from tunelab.jsonlog import append_jsonl, read_jsonl
@@ -172,12 +172,15 @@ def _append_metrics(run: RunDir, record: dict) -> None:
 
 
 def append_log(run: RunDir, path, record: dict, pause_point: str | None = "metrics") -> None:
-    """Append a record to one of the run's JSONL logs; a failed write is a RunDirError saying what is intact."""
+    """Append a record to one of the run's JSONL logs; a failed write is a RunDirError saying what is intact.
+    A record of metrics.jsonl also goes to the run's experiment trackers (`train.report_to`)."""
     try:
         append_jsonl(path, record, pause_point)
     except OSError as exc:
         raise write_failure(f"a line of {path.name}", run.path, exc, len(json.dumps(record)) + 1,
                             run.latest_checkpoint()) from exc
+    if path == run.metrics and (opened := trackers.opened(run.path)) is not None:
+        opened.log_record(record)
 
 
 def last_logged_loss(run: RunDir) -> float | None:

@@ -13,7 +13,7 @@ import yaml
 
 SAME_RUN = {
     "output", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
-    "train.keep_last", "train.report", "train.logprob_chunk", "train.micro_batch_tokens",
+    "train.keep_last", "train.report", "train.report_to", "train.logprob_chunk", "train.micro_batch_tokens",
     "model.gradient_checkpointing", "ppo.sample_every", "rl.sample_every", "data.cache_dir",
 }
 

@@ -31,12 +31,21 @@ def run_recipe(module: str, function: str, config, *, resume: bool = False, over
 
 
 def remove_unstarted_run(folder: Path) -> None:
-    """Remove the config.yaml of a new run that failed before its first step (nothing else written), so that the
-    corrected command starts without --overwrite; the folder goes too when that leaves it empty. Called only
-    for a folder that was absent or empty before the run."""
+    """Remove the config.yaml of a new run that failed before its first step (nothing else written but what its
+    trackers keep in the folder, which goes too), so that the corrected command starts without --overwrite; the
+    folder goes too when that leaves it empty. Called only for a folder that was absent or empty before the run."""
+    import shutil
+
+    from tunelab.trackers import RUN_FILES
+
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
-    if [p.name for p in entries] != ["config.yaml"]:
+    names = {p.name for p in entries}
+    if "config.yaml" not in names or names - {"config.yaml", *RUN_FILES}:
         return
-    entries[0].unlink()
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     with contextlib.suppress(OSError):
         folder.rmdir()

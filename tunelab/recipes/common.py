@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tunelab import distributed, pause
+from tunelab import distributed, pause, trackers
 from tunelab.checkpoint import (RunDir, RunDirError, atomic_dir, atomic_write_text, main_writes, state_bytes,
                                 write_failure)
 from tunelab.config import RecipeConfig, config_to_yaml
@@ -87,6 +87,7 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     counts = f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     log(f"model: {config.model.name_or_path} ({config.peft}: {counts})")
     run = start_run(config, config.output, resume=resume, overwrite=overwrite, header=f"{config.peft}: {counts}")
+    trackers.start(config, run.path)
     return Prepared(run, tokenizer, data, model)
 
 

@@ -31,6 +31,7 @@ from tunelab.loop import TrainResult, _append_metrics
 from tunelab.losses import info_nce_loss
 from tunelab.recipes.common import log, prepare_recipe, train_recipe
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 ROLES = ("anchor", "positive", "negative")
 
@@ -181,6 +182,7 @@ def write_embedding_final(run, model, tokenizer, config: ContrastiveConfig, pool
 
 
 @releasing
+@tracked
 def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrite: bool = False,
                     allow_changes: bool = False,
                     quiet: bool = False) -> ContrastiveResult:

@@ -31,6 +31,7 @@ from tunelab.modeling import adapter_disabled, load_causal_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 RefFn = Callable[[dict], torch.Tensor]
 
@@ -144,6 +145,7 @@ def check_reference_free(config: DPOConfig) -> None:
 
 
 @releasing
+@tracked
 def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> DPOResult:
     """Optimize a policy on preference pairs and write `final/` into `config.output`."""

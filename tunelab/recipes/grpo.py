@@ -37,6 +37,7 @@ from tunelab.recipes.ppo import PolicyWithValueHead
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 
 GroupRLResult = OnlineResult
@@ -159,6 +160,7 @@ def group_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: dic
 
 
 @releasing
+@tracked
 def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
                  quiet: bool = False) -> GroupRLResult:
     """Run GRPO or RLOO iterations (train.max_steps of them) and write `final/` (the policy).

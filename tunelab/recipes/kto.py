@@ -32,6 +32,7 @@ from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.recipes.dpo import RefFn, reference_fn
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 
 @dataclass
@@ -112,6 +113,7 @@ def kto_reference(policy: nn.Module, ref_model: nn.Module | None, chunk: int) ->
 
 
 @releasing
+@tracked
 def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> KTOResult:
     """Optimize a policy on desirable/undesirable feedback and write `final/` into `config.output`."""

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tunelab import distributed, pause, precision, stopping
+from tunelab import distributed, pause, precision, stopping, trackers
 from tunelab.checkpoint import checkpoint_to_resume, load_checkpoint, save_checkpoint
 from tunelab.config import ModelConfig
 from tunelab.data.dataset import prepare_data
@@ -311,10 +311,12 @@ class OnlineLoop:
         return final
 
     def _log_samples(self, rollout: Rollout, scores: torch.Tensor, n: int = 3) -> None:
-        """A few prompt/response/score samples to the log and to samples.jsonl."""
+        """A few prompt/response/score samples to the log, to samples.jsonl and to the trackers' tables."""
+        rows = []
         for prompt, response, score in list(zip(rollout.prompts, rollout.responses, scores.tolist()))[:n]:
-            append_log(self.prepared.run, self.prepared.run.path / "samples.jsonl",
-                       {"step": self.iteration, "prompt": prompt, "response": response, "score": score},
-                       pause_point=None)
+            rows.append({"step": self.iteration, "prompt": prompt, "response": response, "score": score})
+            append_log(self.prepared.run, self.prepared.run.path / "samples.jsonl", rows[-1], pause_point=None)
             self.progress.write(f"[iteration {self.iteration}] score {score:+.3f} | {prompt[-60:]!r} -> "
                                 f"{response[:100]!r}")
+        if (opened := trackers.opened(self.prepared.run.path)) is not None:
+            opened.log_table("samples", rows, self.iteration)

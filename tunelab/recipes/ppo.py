@@ -37,6 +37,7 @@ from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_
 from tunelab.rewards import load_reward_fn
 from tunelab.rollout import Rollout
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 
 class PolicyWithValueHead(nn.Module):
@@ -129,6 +130,7 @@ def rollout_statistics(raw_scores: torch.Tensor, rollout: Rollout, experience: d
 
 
 @releasing
+@tracked
 def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> PPOResult:
     """Run PPO iterations (train.max_steps of them) and write `final/` (the policy) into `config.output`.

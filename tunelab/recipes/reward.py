@@ -22,6 +22,7 @@ from tunelab.modeling import load_reward_model
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.rewards import RewardModule
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 
 @dataclass
@@ -55,6 +56,7 @@ def reward_step(center_coef: float, use_margin: bool):
 
 
 @releasing
+@tracked
 def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False,
            allow_changes: bool = False, quiet: bool = False) -> RMResult:
     """Train a reward model and write `final/` (model or adapter + head, and tokenizer) into `config.output`."""

@@ -20,6 +20,7 @@ from tunelab.losses import sft_loss
 from tunelab.modeling import load_causal_lm
 from tunelab.recipes.common import collate_rendered, log, prepare_recipe, train_recipe, write_final
 from tunelab.runlock import releasing
+from tunelab.trackers import tracked
 
 
 @dataclass
@@ -38,6 +39,7 @@ def sft_step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str,
 
 
 @releasing
+@tracked
 def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> SFTResult:
     """Train a causal LM with supervised fine-tuning and write `final/` into `config.output`."""
