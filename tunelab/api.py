@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from tunelab import cli
 from tunelab.config import (ConfigError, ContrastiveConfig, DPOConfig, GRPOConfig, KTOConfig, PPOConfig,
-                            RLOOConfig, RMConfig, SFTConfig, _flatten, build_config, describe_fields)
+                            RLOOConfig, RMConfig, SFTConfig, build_config, describe_fields, flatten)
 
 # the flags of the training commands and the config key each one sets (tunelab.cli._recipe_config)
 RECIPE_FLAGS = {"model": "model.name_or_path", "data": "data.sources", "eval_data": "data.eval_sources",
@@ -174,10 +174,10 @@ def recipe_config(command: str, cls: type[BaseModel], arguments: dict[str, Any])
         if type(base) is not cls:
             raise ConfigError(f"tunelab.{command}(): config= is a {type(base).__name__}; {command} takes "
                               f"{cls.__name__}, a dict of config keys or a YAML file")
-        for key, value in _flatten(base.model_dump()).items():
+        for key, value in flatten(base.model_dump()).items():
             _put(settings, key, value, "in config=")
     elif isinstance(base, dict):
-        for key, value in _flatten(_plain(base)).items():
+        for key, value in flatten(_plain(base)).items():
             _put(settings, key, value, "in config=")
     elif isinstance(base, (str, os.PathLike)):
         yaml_path = os.fspath(base)
@@ -206,7 +206,7 @@ def recipe_config(command: str, cls: type[BaseModel], arguments: dict[str, Any])
     for name, value in later.items():  # sections and dotted keys come after the flags, like key=value
         value = _plain(value)
         if isinstance(value, dict) and "." not in name and name in fields:
-            for key, leaf in _flatten(value, f"{name}.").items():
+            for key, leaf in flatten(value, f"{name}.").items():
                 _put(settings, key, leaf, f"from argument {name}=")
         else:
             _put(settings, name, value, f"from argument '{name}'" if "." in name else f"from argument {name}=")

@@ -13,13 +13,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tunelab.config import flatten
+
 RECIPES = {"SFTConfig": ("sft", "supervised fine-tuning"), "RMConfig": ("rm", "reward modeling (Bradley-Terry)"),
            "DPOConfig": ("dpo", "direct preference optimization"), "KTOConfig": ("kto", "KTO on unpaired feedback"),
            "PPOConfig": ("ppo", "RLHF with PPO"), "GRPOConfig": ("grpo", "GRPO (critic-free RL)"),
            "RLOOConfig": ("rloo", "RLOO (critic-free RL)"),
            "ContrastiveConfig": ("contrastive", "contrastive embedding training")}
 ONLINE = ("ppo", "grpo", "rloo")
-NOT_METRICS = ("step", "epoch", "split", "lr", "tokens_per_s", "elapsed_s", "iteration_s", "rollout_s", "learn_s")
+NOT_METRICS = ("step", "epoch", "split", "lr", "tokens_per_s", "elapsed_s", "iteration_s", "generate_s", "rollout_s", "learn_s")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -28,19 +30,9 @@ def hub_dataset(path: str) -> str | None:
     return path if HUB_NAME.fullmatch(path) and not Path(path).expanduser().exists() else None
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def changed_settings(config) -> dict:
     """The config keys whose value differs from the recipe's default (model, data sources and output aside)."""
-    ours, defaults = _flatten(config.model_dump(mode="json")), _flatten(type(config)().model_dump(mode="json"))
+    ours, defaults = flatten(config.model_dump(mode="json")), flatten(type(config)().model_dump(mode="json"))
     skip = ("model.name_or_path", "data.sources", "output")
     return {k: v for k, v in ours.items() if k not in skip and defaults.get(k) != v}
 

@@ -550,11 +550,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node = node[part]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}` (lists and other values kept whole)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -602,7 +603,7 @@ def build_config(cls: type[BaseModel], *, yaml_path: str | None = None, flags: d
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded
-        for key in _flatten(loaded):
+        for key in flatten(loaded):
             origins[key] = f"in {yaml_path}"
     for key, value in (flags or {}).items():
         if value is not None:

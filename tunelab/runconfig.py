@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import yaml
 
+from tunelab.config import flatten
+
 SAME_RUN = {
     "output", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
     "train.keep_last", "train.report", "train.report_to", "train.logprob_chunk", "train.micro_batch_tokens",
@@ -20,18 +22,6 @@ SAME_RUN = {
 
 class ResumeConfigError(ValueError):
     """The new config changes what the run is; the message lists each difference."""
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}` (lists are compared whole)."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def differences(saved: dict, new: dict) -> list[tuple[str, object, object]]:

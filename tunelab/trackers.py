@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from tunelab.config import TRACKER_NAMES
+from tunelab.config import TRACKER_NAMES, flatten
 
 # tracker -> (module to import, extra that installs it)
 LIBRARIES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -47,18 +47,10 @@ def _quiet_stdout():
     return contextlib.redirect_stdout(sys.stderr)
 
 
-def flat_params(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flat_params(tree: dict) -> dict[str, Any]:
     """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`; lists and None become JSON text (what every tracker takes)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_params(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = json.dumps(value)
-    return flat
+    return {name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for name, value in flatten(tree).items()}
 
 
 def record_metrics(record: dict) -> dict[str, float]:
