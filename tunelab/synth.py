@@ -305,6 +305,7 @@ def settings(leaves: list[Leaf], teacher: str, options: SynthOptions) -> dict:
     values = {**asdict(options), "teacher": teacher,
               "taxonomy": hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]}
     values.pop("documents")
+    values.update({f"generation.{k}": v for k, v in values.pop("generation").items()})
     return values
 
 
