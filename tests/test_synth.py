@@ -318,3 +318,27 @@ def test_question_parsing_and_document_chunks():
     assert synth.clean_answer("A: It is.\nQ: next?\nA: no") == "It is."
     text = "one two three\n\nfour five\n\n" + " ".join(f"w{i}" for i in range(7))
     assert split_chunks(text, 5) == ["one two three\n\nfour five", "w0 w1 w2 w3 w4", "w5 w6"]
+
+
+def test_judge_scores_rows_and_drops_those_below_the_threshold(lab, tmp_path, monkeypatch):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"Is {t} worth watching?", "chosen": s,
+                                                    "rejected": "No."} for t, s in zip(TITLES, SHORT)])
+    assert main(["rm", "--model", str(lab["root"] / "base"), "--data", str(prefs), "--output", str(tmp_path / "rm"),
+                 "--max-steps", "2", "--batch-size", "8", "--quiet", "train.report=false",
+                 "data.eval_fraction=0"]) == 0
+    taxonomy = tmp_path / "taxonomy"
+    write_leaf(taxonomy, "skills/films", "Ask whether a film is worth watching.", film_seeds(4))
+    monkeypatch.setattr(synth, "Teacher", ScriptedTeacher)
+    monkeypatch.setattr(ScriptedTeacher, "length", lambda self, text: len(text.split()), raising=False)
+    argv = ["synth", "--teacher", "scripted", "--taxonomy", str(taxonomy), "--per-seed", "2",
+            "--questions-per-prompt", "2", "--rouge-threshold", "1", "--judge", str(tmp_path / "rm"), "--quiet"]
+    assert main([*argv, "--output", str(tmp_path / "all.jsonl")]) == 0
+    scored = read_rows(tmp_path / "all.jsonl")
+    scores = sorted(r["judge_score"] for r in scored)
+    assert len(scores) == 8 and len(set(scores)) > 1  # the seed question and a new one per prompt, all scored
+    threshold = (scores[3] + scores[4]) / 2
+    assert main([*argv, "--judge-threshold", str(threshold), "--output", str(tmp_path / "judged.jsonl")]) == 0
+    kept = read_rows(tmp_path / "judged.jsonl")
+    assert len(kept) == 4 and all(r["judge_score"] >= threshold for r in kept)
+    counts = json.loads((tmp_path / "judged.summary.json").read_text())["total"]
+    assert counts["judge_low"] == 4 and counts["kept"] == 4 and counts["generated"] == 8
