@@ -342,3 +342,16 @@ def test_judge_scores_rows_and_drops_those_below_the_threshold(lab, tmp_path, mo
     assert len(kept) == 4 and all(r["judge_score"] >= threshold for r in kept)
     counts = json.loads((tmp_path / "judged.summary.json").read_text())["total"]
     assert counts["judge_low"] == 4 and counts["kept"] == 4 and counts["generated"] == 8
+
+
+def test_prompts_carry_the_task_the_chunk_and_seed_context():
+    from tunelab.taxonomy import Leaf, Seed
+
+    seeds = [Seed(0, "Is Quiet Cairo good?", "Yes.", context="A film review."), Seed(1, "Is Dune long?", "Very.")]
+    leaf = Leaf("knowledge/films", Path("qna.yaml"), "Ask about films.", seeds, chunks=["Dune runs 155 minutes."])
+    asking = synth.question_prompt(leaf, seeds, leaf.chunks[0], 4)
+    assert "Task: Ask about films." in asking and "Document:\nDune runs 155 minutes." in asking
+    assert "Q: Is Quiet Cairo good?\nQ: Is Dune long?" in asking and "Write 4 new questions" in asking
+    answering = synth.answer_prompt(leaf, seeds, leaf.chunks[0], "How long is Dune?")
+    assert "Context: A film review.\nQ: Is Quiet Cairo good?\nA: Yes." in answering
+    assert "\n\nQ: Is Dune long?\nA: Very." in answering and answering.endswith("Q: How long is Dune?")

@@ -103,7 +103,8 @@ def answer_prompt(leaf: Leaf, seeds: list[Seed], chunk: str | None, question: st
     parts = [f"Task: {leaf.task_description}"]
     if chunk is not None:
         parts.append(f"Document:\n{chunk}")
-    parts.append("Examples:\n" + "\n\n".join(f"Q: {s.question}\nA: {s.answer}" for s in seeds))
+    parts.append("Examples:\n" + "\n\n".join(f"{f'Context: {s.context}' + chr(10) if s.context else ''}"
+                                               f"Q: {s.question}\nA: {s.answer}" for s in seeds))
     parts.append(f"Answer this question{' using the document' if chunk is not None else ''}.\n\nQ: {question}")
     return "\n\n".join(parts)
 
@@ -347,7 +348,8 @@ def _restore(output: Path, progress: Path, expected: dict) -> tuple[dict, list[d
 
 def synthesize(teacher_path: str, taxonomy: str, output: str, options: SynthOptions, resume: bool = False,
                overwrite: bool = False, quiet: bool = False) -> dict:
-    """Run `tunelab synth`; returns the summary ({leaf: counts}, totals, seconds) also written next to output."""
+    """Run `tunelab synth`; returns the summary ({leaf: counts}, totals, seconds, rows per second of this
+    invocation) also written next to the output."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite do not go together: continue the output, or start over")
     if options.format not in FORMATS:
@@ -382,7 +384,7 @@ def run_leaves(leaves: list[Leaf], teacher: Teacher, judge: Judge | None, option
 
         bar = tqdm(total=sum(leaf_draws(leaf, options) for leaf in leaves) * options.questions_per_prompt,
                    desc="synth", unit="row", dynamic_ncols=True)
-    start, made = time.time(), 0
+    start, made, new_rows = time.time(), 0, 0
     counts = {leaf.name: new_counts() for leaf in leaves}
     known = {leaf.name: [s.question for s in leaf.seeds] for leaf in leaves}
     for row in kept:
@@ -401,6 +403,7 @@ def run_leaves(leaves: list[Leaf], teacher: Teacher, judge: Judge | None, option
                                      "counts": batch_counts}])
             known[leaf.name] += [row_question(r) for r in rows]
             made += batch_counts["generated"]
+            new_rows += len(rows)
         for key, value in batch_counts.items():
             counts[leaf.name][key] += value
         if bar is not None:
@@ -419,7 +422,8 @@ def run_leaves(leaves: list[Leaf], teacher: Teacher, judge: Judge | None, option
         for key, value in leaf_counts.items():
             total[key] += value
     return {"leaves": counts, "total": total, "seconds": round(seconds, 3),
-            "generated_per_s": round(made / seconds, 3) if seconds > 0 else None}
+            "generated_per_s": round(made / seconds, 3) if seconds > 0 else None,
+            "kept_per_s": round(new_rows / seconds, 3) if seconds > 0 else None}
 
 
 def summary_table(summary: dict) -> str:
