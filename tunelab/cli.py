@@ -288,6 +288,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tunelab.synth import SynthOptions, summary_table, synthesize
+
+    if args.judge_threshold is not None and not args.judge:
+        raise ConfigError("--judge-threshold needs --judge (a reward model to score the rows with)")
+    options = SynthOptions(per_seed=args.per_seed, questions_per_prompt=args.questions_per_prompt,
+                           seeds_per_prompt=args.seeds_per_prompt, format=args.format, max_length=args.max_length,
+                           rouge_threshold=args.rouge_threshold, chunk_words=args.chunk_words, judge=args.judge,
+                           judge_threshold=args.judge_threshold, documents=args.documents,
+                           generation=_generation_options(args))
+    summary = synthesize(args.teacher, args.taxonomy, args.output, options, resume=args.resume,
+                         overwrite=args.overwrite, quiet=args.quiet)
+    print(summary_table(summary))
+    print(f"kept {summary['total']['kept']} of {summary['total']['generated']} generated rows -> {args.output}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tunelab.data.dataset import prepare_sft_data
     from tunelab.data.inspect import inspect_report
@@ -575,6 +593,56 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run directories")
     rep.add_argument("--output", help="directory for plots/ and report.md (default: the first run)")
     rep.set_defaults(func=cmd_report)
+
+    synth = sub.add_parser(
+        "synth", help="synthetic instruction data from a teacher model and a taxonomy of seed examples",
+        description="Generate instruction data from a taxonomy (a folder tree; each leaf folder holds a qna.yaml "
+        "with task_description, at least 3 seed_examples of question and answer (context optional), and for "
+        "knowledge a document list of Markdown/text files, split into chunks of --chunk-words words). For each "
+        "leaf, in two stages: a few-shot prompt of --seeds-per-prompt randomly drawn seed questions (and a "
+        "document chunk) asks the teacher for --questions-per-prompt new questions as 'Q:' lines; then each "
+        "question gets a prompt of its own asking for its answer (chat template where the teacher has one). "
+        "Dropped and counted per leaf: unparseable replies, empty rows, rows over --max-length teacher tokens, "
+        "questions whose ROUGE-L F1 against a seed, a kept or an earlier question of the leaf is above "
+        "--rouge-threshold, answers that copy the question (ROUGE-L >= 0.8), rows --judge scores below "
+        "--judge-threshold. Rows (messages or prompt/completion, with id, leaf, seed_ids, rouge_l, chunk and "
+        "judge_score fields) are appended batch by batch and fsynced; a killed run loses at most one batch and "
+        "--resume continues it to the rows of an uninterrupted run. Prints a table per leaf; writes it also to "
+        "OUTPUT's .summary.json.")
+    synth.add_argument("--teacher", required=True, help="teacher model: model, adapter or run directory, GGUF file "
+                       "or hub name")
+    synth.add_argument("--taxonomy", required=True, help="taxonomy folder (qna.yaml files in its leaf folders)")
+    synth.add_argument("--output", required=True, help="JSONL file of generated rows (beside it: "
+                       "OUTPUT.progress, the record of finished batches, and the .summary.json)")
+    synth.add_argument("--documents", help="folder that knowledge documents' paths are relative to (default: "
+                       "the folder of each qna.yaml)")
+    synth.add_argument("--per-seed", type=_count(1), default=5, help="new questions to ask for per seed example "
+                       "of a leaf (default 5)")
+    synth.add_argument("--questions-per-prompt", type=_count(1), default=5,
+                       help="new questions asked for (and parsed at most) per stage-1 prompt (default 5)")
+    synth.add_argument("--seeds-per-prompt", type=_count(1), default=3,
+                       help="seed examples drawn into each prompt (default 3)")
+    synth.add_argument("--format", choices=("messages", "prompt_completion"), default="messages",
+                       help="row format: messages (user question, assistant answer; default) or prompt_completion")
+    synth.add_argument("--max-length", type=_count(1), default=512,
+                       help="drop rows whose question + answer exceed N teacher tokens (default 512)")
+    synth.add_argument("--rouge-threshold", type=_number(at_least=0, at_most=1), default=0.7,
+                       help="drop questions with a ROUGE-L F1 above this against a seed or kept question "
+                       "(default 0.7, as Self-Instruct)")
+    synth.add_argument("--chunk-words", type=_count(1), default=200,
+                       help="words per document chunk given as context to knowledge prompts (default 200)")
+    synth.add_argument("--judge", help="reward model (a tunelab rm run) that scores each row (judge_score)")
+    synth.add_argument("--judge-threshold", type=_number(), help="with --judge: drop rows scored below this")
+    synth.add_argument("--resume", action="store_true", help="continue the run that wrote --output")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    synth.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    _add_generation_flags(synth, max_new_tokens=256)
+    synth.set_defaults(func=cmd_synth, temperature=0.7)
+    for action in synth._actions:
+        if action.dest == "temperature":
+            action.help = "sampling temperature; 0 means greedy (default 0.7)"
+        elif action.dest == "batch_size":
+            action.help = "stage-1 prompts per batch, the unit written at once and redone on --resume (default 16)"
 
     ins = sub.add_parser("inspect", help="show rendered training rows with the trained tokens marked, and stats",
                          description="Render the first rows of a dataset exactly as training will see them, "
