@@ -22,14 +22,26 @@ class JsonlError(ValueError):
 
 def append_jsonl(path: Path, record: dict, pause_point: str | None = "metrics") -> None:
     """Append `record` as one line, written in one call (`pause_point`: see `tunelab.pause`)."""
-    data = (json.dumps(record) + "\n").encode()
+    append_lines(path, [record], pause_point)
+
+
+def append_lines(path: Path, records: list[dict], pause_point: str | None = None, sync: bool = False) -> None:
+    """Append `records` as lines in one write call; `sync`: fsynced before returning (`pause_point`: a test
+    stops there with half the bytes written, see `tunelab.pause`)."""
+    data = "".join(json.dumps(record) + "\n" for record in records).encode()
+    if not data:
+        return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if pause_point and pause.reached(pause_point):  # a test stops here with half the line written
+        if pause_point and pause.reached(pause_point):
             os.write(fd, data[:len(data) // 2])
+            if sync:
+                os.fsync(fd)
             pause.wait()
             data = data[len(data) // 2:]
         os.write(fd, data)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

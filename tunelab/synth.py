@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -33,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tunelab import pause
+from tunelab import jsonlog, pause
 from tunelab.checkpoint import atomic_write_text
 from tunelab.config import ConfigError
 from tunelab.data.load import DataError
@@ -281,21 +280,8 @@ def row_question(row: dict) -> str:
 
 def append_lines(path: Path, records: list[dict], pause_point: str | None = None) -> None:
     """Append records as lines in one write, flushed and fsynced before returning."""
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
-    if not data:
-        return
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if pause_point and pause.reached(pause_point):  # a test stops here with half the lines written
-                os.write(fd, data[:len(data) // 2])
-                os.fsync(fd)
-                pause.wait()
-                data = data[len(data) // 2:]
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        jsonlog.append_lines(path, records, pause_point, sync=True)
     except OSError as exc:
         raise output_error(path, exc) from exc
 
