@@ -303,6 +303,29 @@ def command_arguments(command: str, arguments: dict[str, Any]) -> argparse.Names
     return parsed
 
 
+def _rows_command(command: str, arguments: dict, name: str, key: str):
+    """(parsed arguments, rows, whether they were given in memory) of a command whose `name=` is a file or a list
+    of rows (texts standing for `{key: text}`); the output file is checked before anything is read."""
+    from tunelab.safety import check_output_file
+
+    value = arguments.get(name)
+    given = isinstance(value, (list, tuple))
+    parsed = command_arguments(command, {**arguments, name: "(rows)"} if given else arguments)
+    check_output_file(parsed.output, flag="output=", inputs=() if given else (getattr(parsed, name),))
+    return parsed, _rows(list(value), name, key) if given else None
+
+
+def _write_rows(rows: list[dict], output: str | None) -> list[dict]:
+    """`rows`, also written to `output` as JSONL when it is given."""
+    if output:
+        import json
+
+        from tunelab.checkpoint import write_output
+
+        write_output("".join(json.dumps(row) + "\n" for row in rows), output)
+    return rows
+
+
 def _rows(values: list, name: str, key: str):
     """In-memory rows (dicts, or texts standing for `{key: text}`) as rows read from a file."""
     from tunelab.data.load import Row
@@ -337,25 +360,14 @@ def _signed(command: str, returns: str, lists: str = ""):
          " `prompts=` is a file, or a list of prompt texts or row dicts.")
 def generate(**arguments) -> list[dict]:
     """Generate a response for every prompt, as `tunelab generate` does."""
-    from tunelab.checkpoint import write_output
     from tunelab.data.formats import to_examples
     from tunelab.generation import generate_rows, prompt_examples
-    from tunelab.safety import check_output_file
 
-    prompts = arguments.get("prompts")
-    given = isinstance(prompts, (list, tuple))
-    parsed = command_arguments("generate", {**arguments, "prompts": "(rows)"} if given else arguments)
+    parsed, rows = _rows_command("generate", arguments, "prompts", "prompt")
     options = cli._generation_options(parsed)
-    check_output_file(parsed.output, flag="output=", inputs=() if given else (parsed.prompts,))
-    examples = to_examples(_rows(list(prompts), "prompts", "prompt"), "auto", "prompts")[1] if given \
-        else prompt_examples(parsed.prompts)
+    examples = to_examples(rows, "auto", "prompts")[1] if rows is not None else prompt_examples(parsed.prompts)
     with quiet_libraries():
-        rows = generate_rows(parsed.model, examples, options)
-    if parsed.output:
-        import json
-
-        write_output("".join(json.dumps(row) + "\n" for row in rows), parsed.output)
-    return rows
+        return _write_rows(generate_rows(parsed.model, examples, options), parsed.output)
 
 
 @_signed("eval", "the metrics as one flat dict (output=R.json also writes R.json, R.md and R.generations.jsonl)")
@@ -382,23 +394,13 @@ def evaluate(**arguments) -> dict:
          " `data=` is a file, or a list of row dicts.")
 def score(**arguments) -> list[dict]:
     """Score rows with a reward model, as `tunelab score` does."""
-    from tunelab.checkpoint import write_output
     from tunelab.data.load import load_rows
-    from tunelab.safety import check_output_file
     from tunelab.scoring import score_rows
 
-    data = arguments.get("data")
-    given = isinstance(data, (list, tuple))
-    parsed = command_arguments("score", {**arguments, "data": "(rows)"} if given else arguments)
-    check_output_file(parsed.output, flag="output=", inputs=() if given else (parsed.data,))
-    rows = _rows(list(data), "data", "text") if given else load_rows(parsed.data)
+    parsed, rows = _rows_command("score", arguments, "data", "text")
     with quiet_libraries():
-        scored = score_rows(parsed.model, rows, parsed.batch_size)
-    if parsed.output:
-        import json
-
-        write_output("".join(json.dumps(row) + "\n" for row in scored), parsed.output)
-    return scored
+        return _write_rows(score_rows(parsed.model, rows if rows is not None else load_rows(parsed.data),
+                                      parsed.batch_size), parsed.output)
 
 
 @_signed("merge", "the merged model's folder")
