@@ -77,9 +77,9 @@ def install_recorders() -> None:
     statistics = ppo.rollout_statistics
     write_final = online.write_final
 
-    def recording_write_final(run, model, tokenizer, whole=None):
+    def recording_write_final(run, model, tokenizer, whole=None, **card):
         record("prepared", module=type(whole).__name__, units=len(fsdp_units(whole)))
-        return write_final(run, model, tokenizer, whole=whole)
+        return write_final(run, model, tokenizer, whole=whole, **card)
     online.write_final = recording_write_final
 
     def recording_statistics(raw_scores, rollout, experience):
