@@ -1,5 +1,8 @@
 """Unpaired binary feedback for KTO: (prompt, completion, label) rows, or preference pairs split in two.
 
+LLaMA-Factory's KTO rows (a `conversations` / `messages` conversation with a `kto_tag`, format `kto`) are
+read as such rows: the last assistant turn is the completion, the turns before it the prompt.
+
 A `prompt_completion` row with a boolean `label` is one desirable (true) or undesirable (false) completion;
 the prompt may be text or chat messages, rendered as for SFT (mask on the completion and its end token).
 A preference pair (`prompt`, `chosen`, `rejected`) gives one desirable and one undesirable row. For
@@ -50,16 +53,18 @@ class FeedbackItem:
 
 
 def parse_label(example: Example) -> bool:
-    """The `label` of a row as a bool; true/false strings (as CSV files hold them) are read too."""
-    if "label" not in example.extra or example.extra["label"] is None:
-        raise DataError(f"{example.where}: missing field 'label' (true: a desirable completion, false: an "
+    """The `label` (or a KTO row's `kto_tag`) of a row as a bool; true/false strings (as CSV files hold them)
+    are read too."""
+    name = example.extra.get("label_field", "label")
+    if example.extra.get("label") is None:
+        raise DataError(f"{example.where}: missing field '{name}' (true: a desirable completion, false: an "
                         "undesirable one)")
     value = example.extra["label"]
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise DataError(f"{example.where}: field 'label' must be a boolean (true: desirable, false: undesirable), "
+    raise DataError(f"{example.where}: field '{name}' must be a boolean (true: desirable, false: undesirable), "
                     f"got {type(value).__name__} ({value!r:.60})")
 
 
