@@ -19,6 +19,7 @@ import torch
 
 from tunelab.config import DataConfig
 from tunelab.data.batching import pad_batch
+from tunelab.data.cache import Codec, TokenCache
 from tunelab.data.dataset import TokenizedData, prepare_data
 from tunelab.data.formats import Example
 from tunelab.data.load import DataError
@@ -85,14 +86,22 @@ def to_feedback_item(example: Example, tokenizer, config: DataConfig) -> tuple[F
     return FeedbackItem([FeedbackRow(rendered, desirable)], example.where), status
 
 
+FEEDBACK_ITEMS = Codec(  # each row's ids and completion mask, and its verdict (1.0 desirable, 0.0 not)
+    encode=lambda item: ([(row.rendered.ids, row.rendered.mask) for row in item.rows],
+                         [float(row.desirable) for row in item.rows]),
+    decode=lambda seqs, numbers, where: FeedbackItem(
+        [FeedbackRow(Rendered(ids, mask, where), good == 1.0) for (ids, mask), good in zip(seqs, numbers)], where))
+
+
 def prepare_feedback_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[FeedbackItem]:
     """Feedback rows of every source, split into train (one row per item) and held out (pairs kept whole).
 
     The split is made on the source's rows, so both halves of a pair land on the same side. The summary
-    counts train and held-out rows (two per pair).
+    counts train and held-out rows (two per pair). Rendered rows are kept between runs in the tokenized cache.
     """
     data = prepare_data(config, lambda example: to_feedback_item(example, tokenizer, config),
-                        ("prompt_completion", "preference"), "KTO", seed)
+                        ("prompt_completion", "preference"), "KTO", seed,
+                        cache=TokenCache.for_config(config, tokenizer, "kto", FEEDBACK_ITEMS))
     train, start = [], 0
     for summary in data.sources:
         items = data.train[start:start + summary.train]
