@@ -585,3 +585,48 @@ def test_detection_prefers_the_recipes_kind(columns, prefer, expected):
     from tunelab.data.formats import detect_format
 
     assert detect_format(columns, "data.jsonl", prefer) == expected
+
+
+# ----------------------------------------------------------------------------- batched rendering
+
+
+def test_batched_rendering_equals_row_by_row_rendering(tmp_path, tokenizer, monkeypatch):
+    """Chat templates rendered in one apply_chat_template call per chunk and pieces tokenized in one call
+    give the ids and masks of rendering and tokenizing each row alone."""
+    from tunelab.data import templates
+
+    rows = [SHAREGPT_TOOL_ROW, SHAREGPT_ROW, TRL_TOOL_ROW, CONTENT_PARTS_ROW, TRL_PROMPT_COMPLETION_ROW,
+            ALPACA_HISTORY_ROW, {"text": "Plain domain text."},
+            {"messages": [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "Ok."},
+                          {"role": "assistant", "content": "Good."}]}]
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [row] * 3) for i, row in enumerate(rows)]
+    batched = prepare_sft_data(sources(*files), tokenizer)
+
+    def one_at_a_time(tok, requests):  # each conversation rendered alone, as `render_chat` renders it
+        return [templates.render_chat(tok, template, messages, generation, tools, where) if messages
+                else templates._generation_only(tok, template, tools)
+                for template, messages, generation, tools, where in requests]
+
+    calls = []
+    real = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: calls.append(a) or real(*a, **k))
+    prepare_sft_data(sources(files[1]), tokenizer)
+    assert len(calls) == 2  # one call for all 3 rows per kind of render: before and after each reply
+    monkeypatch.setattr(templates, "render_chats", one_at_a_time)
+    row_by_row = prepare_sft_data(sources(*files), tokenizer)
+    as_lists = [(r.ids, r.mask, r.where) for r in batched.train]
+    assert as_lists == [(r.ids, r.mask, r.where) for r in row_by_row.train] and len(as_lists) == 24
+
+
+def test_a_templates_own_error_on_one_row_of_a_batch_is_raised(tmp_path, tokenizer):
+    template = CHATML_TEMPLATE.replace("{% for message in messages %}", "{% for message in messages %}{% if "
+                                       "message['content'] == 'refuse me' %}{{ raise_exception('refused row') }}"
+                                       "{% endif %}", 1)
+    assert template != CHATML_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "refuse me"}, {"role": "assistant", "content": "No."}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [rows[0], rows[0], rows[1]])
+    with pytest.raises(Exception, match="refused row"):
+        prepare_sft_data(sources(path, chat_template=template), tokenizer)
+    fine = write_jsonl(tmp_path / "fine.jsonl", [rows[0]] * 2)
+    assert len(prepare_sft_data(sources(fine, chat_template=template), tokenizer).train) == 2
