@@ -475,8 +475,6 @@ KTO_DEMO_ROW = {"messages": [{"content": "What color is the sky?", "role": "user
 
 
 def test_llama_factory_kto_rows_train_kto_on_the_last_assistant_turn(tiny_dir, tmp_path, tokenizer):
-    from tunelab.recipes.kto import run_kto
-
     sharegpt = write_jsonl(tmp_path / "kto_sharegpt.jsonl", LLAMA_FACTORY_KTO_ROWS * 2)
     demo = write_jsonl(tmp_path / "kto_en_demo.jsonl", [KTO_DEMO_ROW] * 2)
     data = prepare_feedback_data(sources(sharegpt, demo), tokenizer)
@@ -490,11 +488,11 @@ def test_llama_factory_kto_rows_train_kto_on_the_last_assistant_turn(tiny_dir, t
     assert [first.desirable, second.desirable, third.desirable] == [True, False, False]
     assert trained_runs(tokenizer, second.rendered) == ["Dull.<|im_end|>\n"]
     assert decoded(tokenizer, third.rendered.ids) == user("What color is the sky?") + assistant("It is green.")
-    config = KTOConfig(model=ModelConfig(name_or_path=str(tiny_dir)), output=str(tmp_path / "run"),
-                       data=DataConfig(sources=[DataSource(path=str(sharegpt)), DataSource(path=str(demo))],
-                                       max_length=256, eval_fraction=0.0), train=small_train())
-    result = run_kto(config, quiet=True)
-    assert result.train.steps == 2 and steps_logged(result.run_dir) == [1, 2]
+    run = tmp_path / "run"  # `tunelab kto` on the two files
+    assert main(["kto", "--model", str(tiny_dir), "--data", str(sharegpt), "--data", str(demo), "--output", str(run),
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--quiet", "data.max_length=256",
+                 "data.eval_fraction=0", "train.warmup_ratio=0", "train.log_every=1", "train.report=false"]) == 0
+    assert steps_logged(run) == [1, 2] and (run / "final").is_dir()
 
 
 def test_llama_factory_kto_rows_are_still_sharegpt_for_sft_and_bad_tags_are_errors(tmp_path, tokenizer):
