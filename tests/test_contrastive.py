@@ -362,7 +362,8 @@ def test_contrastive_final_has_a_sentence_transformers_model_card(tmp_path):
     held_loss = [json.loads(line)["eval_loss"] for line in (result.run_dir / "metrics.jsonl").read_text()
                  .splitlines() if "eval_loss" in line][-1]
     results = card.text.split("## Results")[1].split("## Held-out retrieval")[0]
-    assert f"{held_loss:.6g} |" in next(line for line in results.splitlines() if line.startswith("| loss |"))  # the last step's held-out records, merged
+    # the held-out records of the last step, merged: the loss beside the retrieval figures
+    assert f"{held_loss:.6g} |" in next(line for line in results.splitlines() if line.startswith("| loss |"))
 
 
 def test_cli_contrastive_bad_input_is_a_located_error(tmp_path, tiny_dir, capsys):

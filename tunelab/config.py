@@ -114,8 +114,8 @@ class DataConfig(Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template for `messages` rows, or 'chatml'; default: the tokenizer's")
     cache_dir: str | None = Field(
-        "auto", description="tokenized cache of sft, rm, dpo and kto rows between runs, keyed by the data's content, the tokenizer "
-        "and these settings (auto: $TUNELAB_CACHE_DIR, else ~/.cache/tunelab/tokenized; null: off)")
+        "auto", description="tokenized cache of sft, rm, dpo and kto rows between runs, keyed by the data's content, "
+        "the tokenizer and these settings (auto: $TUNELAB_CACHE_DIR, else ~/.cache/tunelab/tokenized; null: off)")
 
     @field_validator("columns")
     @classmethod

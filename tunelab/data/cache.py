@@ -12,8 +12,8 @@ code that renders them (the bytes of `tunelab/data/*.py`). Change any of them an
 stale entry is never read. Weights, the held-out share and the seed are not in the key: the split is
 made after the cache.
 
-An entry is `<key>.npz` (token ids, masks, sequence lengths, sequences per item and each item's numbers, read with `allow_pickle=False`: nothing in the
-cache runs code) and `<key>.json` (the source's summary and row locations), written to temporary names
+An entry is `<key>.npz` (token ids, masks, sequence lengths, sequences per item and each item's numbers,
+read with `allow_pickle=False`: nothing in the cache runs code) and `<key>.json` (the source's summary and row locations), written to temporary names
 and renamed into place. Hub datasets, whose content is not known without loading them, and tokenizers
 without a fast backend are not cached. The directory is `data.cache_dir`: `auto` is `$TUNELAB_CACHE_DIR`
 (`none` there turns the cache off), else `$XDG_CACHE_HOME/tunelab/tokenized`, else

@@ -121,7 +121,8 @@ def _checked(text: str, messages: Messages, tools: list[dict] | None, where: str
     return text
 
 
-ChatRequest = tuple[str, Messages, bool, "list[dict] | None", str]  # template, messages, generation prompt, tools, where
+# template, messages, add_generation_prompt, tools, where
+ChatRequest = tuple[str, Messages, bool, "list[dict] | None", str]
 
 
 def render_chats(tokenizer, requests: list[ChatRequest]) -> list[str]:
@@ -178,7 +179,8 @@ def _turn_requests(messages: Messages, template: str, tools: list[dict] | None, 
     requests: list[ChatRequest] = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            requests += [(template, messages[:i], True, tools, where), (template, messages[: i + 1], False, tools, where)]
+            requests += [(template, messages[:i], True, tools, where),
+                         (template, messages[: i + 1], False, tools, where)]
     return requests
 
 
