@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +208,27 @@ def test_bad_settings_raise_the_commands_errors_and_never_exit(world, tmp_path):
         tunelab.evaluate(model=world.model, data=world.eval, max_tokens=4)
     with pytest.raises(DataError, match="no single prompt"):
         tunelab.generate(model=world.model, prompts=world.pairs)
+
+
+def test_errors_name_settings_as_both_the_api_and_the_command_line_take_them(world, tmp_path, capsys):
+    """The same message through tunelab.generate() / tunelab.sft() and through the command line."""
+    from tunelab.checkpoint import RunDirError
+
+    too_long = r"min_new_tokens \(--min-new-tokens\) 9 is more than max_new_tokens \(--max-new-tokens\) 4"
+    with pytest.raises(ConfigError, match=too_long):
+        tunelab.generate(model=world.model, prompts=["Hi"], min_new_tokens=9, max_new_tokens=4)
+    assert main(["generate", "--model", str(world.model), "--prompts", str(world.eval), "--min-new-tokens", "9",
+                 "--max-new-tokens", "4"]) == 2
+    assert re.search(too_long, capsys.readouterr().err)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    occupied = (r"already holds files; pass resume=True \(--resume\) to continue that run, overwrite=True "
+                r"\(--overwrite\) to replace it, or choose another output \(--output\)")
+    with pytest.raises(RunDirError, match=occupied):
+        tunelab.sft(model=world.model, data=world.sft, output=out)
+    assert main(["sft", "--model", str(world.model), "--data", str(world.sft), "--output", str(out)]) == 2
+    assert re.search(occupied, capsys.readouterr().err) and (out / "notes.txt").read_text() == "keep me"
 
 
 def test_interrupt_saves_a_checkpoint_raises_and_resumes(world, tmp_path, monkeypatch):

@@ -232,7 +232,7 @@ def test_unknown_source_format_name(tmp_path):
     path = write_yaml(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n      format: xml\n")
     assert config_error(yaml_path=str(path)) == (
         f"config value 'data.sources.0.format' (in {path}): Input should be 'auto', 'text', 'prompt_completion', "
-        "'alpaca', 'messages', 'sharegpt', 'preference' or 'prompt' (got 'xml')")
+        "'alpaca', 'messages', 'sharegpt', 'kto', 'preference' or 'prompt' (got 'xml')")
 
 
 def test_bad_flag_value_names_the_flag():

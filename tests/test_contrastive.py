@@ -260,6 +260,11 @@ def test_tiny_causal_lm_last_token_learns_and_embeds(tmp_path, tiny_dir):
     assert [r["step"] for r in evals] == [0, result.train.steps]
     settings = json.loads((result.final_dir / "embedding_config.json").read_text())
     assert settings["pooling"] == "last" and not (result.final_dir / "modules.json").exists()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(result.final_dir / "README.md")  # not a sentence-transformers folder: a transformers card
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "feature-extraction"
+    assert "## Held-out retrieval" in card.text and "AutoModel.from_pretrained" in card.text
     # final/ is a plain transformers model; tunelab embed reads its pooling back
     from transformers import AutoModel
 
@@ -311,6 +316,54 @@ def test_tiny_causal_lm_lora_and_prompt_tuning_run_and_save(tmp_path, tiny_dir, 
     texts.write_text("one text\nanother text\n")
     assert main(["embed", "--model", str(result.final_dir), "--data", str(texts), "--output", str(out)]) == 0
     assert np.load(out).shape == (2, 32)
+
+
+def make_tiny_encoder_dir(directory: Path, rows: list[dict]) -> Path:
+    """A tiny BERT (random weights) with a WordPiece tokenizer over the rows' words: an encoder, so final/ is a
+    sentence-transformers folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w for r in rows for text in r.values() for w in text.lower().replace("?", " ? ").replace(
+        ".", " . ").split()})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_contrastive_final_has_a_sentence_transformers_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    rows = retrieval_rows(6, 4, seed=5)
+    encoder = make_tiny_encoder_dir(tmp_path / "encoder", rows)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = contrastive_config(encoder, data, tmp_path / "run", max_steps=3, lr=1e-3, batch_size=8)
+    result = run_contrastive(config, quiet=True)
+    assert (result.final_dir / "modules.json").is_file() and result.after
+    card = ModelCard.load(result.final_dir / "README.md")
+    assert card.data.library_name == "sentence-transformers" and card.data.pipeline_tag == "sentence-similarity"
+    assert card.data.base_model == str(encoder) and card.data.datasets is None  # a local file names no dataset
+    assert {"tunelab", "contrastive", "full-fine-tuning", "sentence-transformers", "sentence-similarity"} <= set(
+        card.data.tags)
+    assert "| `" + str(data) + "` | pairs | 24 | 19 | 5 | 1 |" in card.text
+    table = card.text.split("## Held-out retrieval")[1].split("## Load it")[0]
+    shown = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()
+             if line.startswith("| ") and "metric" not in line}
+    assert set(shown) == {k.removeprefix("retrieval_") for k in result.after} and "accuracy_at_1" in shown
+    for key, value in result.after.items():
+        before, after = shown[key.removeprefix("retrieval_")]
+        assert float(before) == pytest.approx(result.before[key], rel=1e-5)
+        assert float(after.rstrip(" |")) == pytest.approx(value, rel=1e-5)
+    assert f'SentenceTransformer("{result.final_dir}")' in card.text
+    held_loss = [json.loads(line)["eval_loss"] for line in (result.run_dir / "metrics.jsonl").read_text()
+                 .splitlines() if "eval_loss" in line][-1]
+    results = card.text.split("## Results")[1].split("## Held-out retrieval")[0]
+    # the held-out records of the last step, merged: the loss beside the retrieval figures
+    assert f"{held_loss:.6g} |" in next(line for line in results.splitlines() if line.startswith("| loss |"))
 
 
 def test_cli_contrastive_bad_input_is_a_located_error(tmp_path, tiny_dir, capsys):

@@ -133,7 +133,7 @@ def test_unknown_format_name_in_to_examples():
     with pytest.raises(DataError) as info:
         to_examples(rows, "xml", "a.jsonl")
     assert str(info.value) == ("a.jsonl: unknown data format 'xml'; expected one of text, prompt_completion, "
-                               "alpaca, messages, sharegpt, preference, prompt or auto")
+                               "alpaca, messages, sharegpt, kto, preference, prompt or auto")
     with pytest.raises(DataError, match="unknown data format 'chat'; expected one of text, "):
         to_example(rows[0], "chat")
 

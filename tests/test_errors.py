@@ -100,7 +100,8 @@ def test_bad_option_values_are_refused_before_loading(argv, expected, capsys):
 
 def test_min_new_tokens_above_max_is_refused(capsys):
     fails(["generate", "--model", MISSING_MODEL, "--prompts", "p.jsonl", "--min-new-tokens", "9",
-           "--max-new-tokens", "4"], capsys, "--min-new-tokens 9 is more than --max-new-tokens 4")
+           "--max-new-tokens", "4"], capsys,
+          "min_new_tokens (--min-new-tokens) 9 is more than max_new_tokens (--max-new-tokens) 4")
 
 
 @pytest.mark.parametrize("override, key", [("train.lr=inf", "train.lr"), ("dpo.beta=nan", "dpo.beta"),
@@ -361,7 +362,8 @@ def test_merge_output_never_replaces_the_run_or_other_files(adapter_dir, tmp_pat
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     fails(["merge", str(adapter_dir), "--output", str(other)], capsys,
-          f"--output {other} already holds files that are not an earlier merge's; pass --overwrite")
+          f"output (--output) {other} already holds files that are not an earlier merge's; pass overwrite=True "
+          "(--overwrite)")
     assert (other / "notes.txt").read_text() == "keep me"
     for target in (adapter_dir, adapter_dir / "merged", adapter_dir.parent):
         fails(["merge", str(adapter_dir), "--output", str(target)], capsys, "which the merge reads")

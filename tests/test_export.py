@@ -230,6 +230,20 @@ def test_tokenizer_round_trips(exported, saved_tokenizer):
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is True  # the demo tokenizer prepends <s>
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     assert [types[i] for i in range(5)] == [gguf.TokenType.CONTROL] * 5 and types[100] == gguf.TokenType.NORMAL
+    # the chat's end-of-turn token, which llama.cpp stops a reply at (EOS is the tokenizer's </s>)
+    im_end = saved_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == im_end != saved_tokenizer.eos_token_id
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == saved_tokenizer.eos_token_id
+
+
+def test_a_tokenizer_without_a_chat_template_writes_no_end_of_turn_token(saved_tokenizer, tmp_path):
+    import copy
+
+    plain = copy.deepcopy(saved_tokenizer)
+    plain.chat_template = None
+    path = write_gguf(tiny_llama(plain, tied=True), plain, tmp_path / "plain.gguf", "f32")
+    fields = gguf.GGUFReader(path).fields
+    assert "tokenizer.ggml.eot_token_id" not in fields and "tokenizer.ggml.eos_token_id" in fields
 
 
 @pytest.mark.parametrize("model_type,extra", [("mistral", {"sliding_window": None}), ("qwen2", {}),

@@ -461,6 +461,55 @@ def test_kto_trains_on_trl_conversational_feedback_and_ultrafeedback_pairs(tiny_
     assert result.train.steps == 2 and steps_logged(result.run_dir) == [1, 2]
 
 
+# LLaMA-Factory's KTO rows: ShareGPT with a kto_tag (its data README), and kto_en_demo.json (messages + label)
+LLAMA_FACTORY_KTO_ROWS = [
+    {"conversations": [{"from": "human", "value": "Write a review of The Silent Harbor."},
+                       {"from": "gpt", "value": "A quiet triumph."},
+                       {"from": "human", "value": "Shorter?"},
+                       {"from": "gpt", "value": "Superb."}],
+     "system": "You are a film critic.", "kto_tag": True},
+    {"conversations": [{"from": "human", "value": "Write a review of The Silent Harbor."},
+                       {"from": "gpt", "value": "Dull."}], "kto_tag": False}]
+KTO_DEMO_ROW = {"messages": [{"content": "What color is the sky?", "role": "user"},
+                             {"content": "It is green.", "role": "assistant"}], "label": False}
+
+
+def test_llama_factory_kto_rows_train_kto_on_the_last_assistant_turn(tiny_dir, tmp_path, tokenizer):
+    sharegpt = write_jsonl(tmp_path / "kto_sharegpt.jsonl", LLAMA_FACTORY_KTO_ROWS * 2)
+    demo = write_jsonl(tmp_path / "kto_en_demo.jsonl", [KTO_DEMO_ROW] * 2)
+    data = prepare_feedback_data(sources(sharegpt, demo), tokenizer)
+    assert [s.format for s in data.sources] == ["kto", "kto"]
+    assert "kto_tag" in data.sources[0].reading and not data.sources[0].warnings
+    first, second, third = (item.rows[0] for item in data.train[:2] + data.train[4:5])
+    assert decoded(tokenizer, first.rendered.ids) == (
+        "<|im_start|>system\nYou are a film critic.<|im_end|>\n" + user("Write a review of The Silent Harbor.")
+        + assistant("A quiet triumph.") + user("Shorter?") + assistant("Superb."))
+    assert trained_runs(tokenizer, first.rendered) == ["Superb.<|im_end|>\n"]  # earlier turns are the prompt
+    assert [first.desirable, second.desirable, third.desirable] == [True, False, False]
+    assert trained_runs(tokenizer, second.rendered) == ["Dull.<|im_end|>\n"]
+    assert decoded(tokenizer, third.rendered.ids) == user("What color is the sky?") + assistant("It is green.")
+    run = tmp_path / "run"  # `tunelab kto` on the two files
+    assert main(["kto", "--model", str(tiny_dir), "--data", str(sharegpt), "--data", str(demo), "--output", str(run),
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--quiet", "data.max_length=256",
+                 "data.eval_fraction=0", "train.warmup_ratio=0", "train.log_every=1", "train.report=false"]) == 0
+    assert steps_logged(run) == [1, 2] and (run / "final").is_dir()
+
+
+def test_llama_factory_kto_rows_are_still_sharegpt_for_sft_and_bad_tags_are_errors(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "kto.jsonl", LLAMA_FACTORY_KTO_ROWS)
+    data = prepare_sft_data(sources(path), tokenizer)
+    assert data.sources[0].format == "sharegpt"
+    assert "'kto_tag'" in data.sources[0].warnings[0]  # not read by sft: said, not silent
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**LLAMA_FACTORY_KTO_ROWS[1], "kto_tag": "maybe"}])
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: field 'kto_tag' must be a boolean"):
+        prepare_feedback_data(sources(bad), tokenizer)
+    ends_on_user = write_jsonl(tmp_path / "user.jsonl", [{"conversations": [{"from": "human", "value": "Hi"}],
+                                                          "kto_tag": True}])
+    with pytest.raises(DataError, match=r"user.jsonl line 1: field 'conversations' of a KTO row must end with the "
+                                        "assistant turn"):
+        prepare_feedback_data(sources(ends_on_user), tokenizer)
+
+
 def test_ppo_reads_prompts_from_trl_and_sharegpt_rows(tiny_dir, tmp_path, tokenizer):
     from tunelab.recipes.online import prepare_prompts
     from tunelab.recipes.ppo import run_ppo
@@ -524,9 +573,58 @@ def test_contrastive_pairs_take_their_held_out_rows_from_eval_data(tmp_path, tok
     ({"conversations", "chosen", "rejected"}, ("text", "prompt_completion", "alpaca", "messages"), "sharegpt"),
     ({"instruction", "input", "chosen", "rejected"}, ("preference",), "preference"),
     ({"prompt", "completion", "text"}, ("text", "prompt_completion"), "prompt_completion"),
+    ({"conversations", "system", "kto_tag"}, None, "sharegpt"),
+    ({"conversations", "kto_tag"}, ("prompt_completion", "preference"), "kto"),
+    ({"messages", "label"}, ("prompt_completion", "preference"), "kto"),
+    ({"messages", "label"}, ("text", "prompt_completion", "alpaca", "messages"), "messages"),
     ({"prompt"}, ("preference",), "prompt"),  # nothing of the preferred kind: the recipe names what it needs
 ])
 def test_detection_prefers_the_recipes_kind(columns, prefer, expected):
     from tunelab.data.formats import detect_format
 
     assert detect_format(columns, "data.jsonl", prefer) == expected
+
+
+# ----------------------------------------------------------------------------- batched rendering
+
+
+def test_batched_rendering_equals_row_by_row_rendering(tmp_path, tokenizer, monkeypatch):
+    """Chat templates rendered in one apply_chat_template call per chunk and pieces tokenized in one call
+    give the ids and masks of rendering and tokenizing each row alone."""
+    from tunelab.data import templates
+
+    rows = [SHAREGPT_TOOL_ROW, SHAREGPT_ROW, TRL_TOOL_ROW, CONTENT_PARTS_ROW, TRL_PROMPT_COMPLETION_ROW,
+            ALPACA_HISTORY_ROW, {"text": "Plain domain text."},
+            {"messages": [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "Ok."},
+                          {"role": "assistant", "content": "Good."}]}]
+    files = [write_jsonl(tmp_path / f"{i}.jsonl", [row] * 3) for i, row in enumerate(rows)]
+    batched = prepare_sft_data(sources(*files), tokenizer)
+
+    def one_at_a_time(tok, requests):  # each conversation rendered alone, as `render_chat` renders it
+        return [templates.render_chat(tok, template, messages, generation, tools, where) if messages
+                else templates._generation_only(tok, template, tools)
+                for template, messages, generation, tools, where in requests]
+
+    calls = []
+    real = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: calls.append(a) or real(*a, **k))
+    prepare_sft_data(sources(files[1]), tokenizer)
+    assert len(calls) == 2  # one call for all 3 rows per kind of render: before and after each reply
+    monkeypatch.setattr(templates, "render_chats", one_at_a_time)
+    row_by_row = prepare_sft_data(sources(*files), tokenizer)
+    as_lists = [(r.ids, r.mask, r.where) for r in batched.train]
+    assert as_lists == [(r.ids, r.mask, r.where) for r in row_by_row.train] and len(as_lists) == 24
+
+
+def test_a_templates_own_error_on_one_row_of_a_batch_is_raised(tmp_path, tokenizer):
+    template = CHATML_TEMPLATE.replace("{% for message in messages %}", "{% for message in messages %}{% if "
+                                       "message['content'] == 'refuse me' %}{{ raise_exception('refused row') }}"
+                                       "{% endif %}", 1)
+    assert template != CHATML_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "refuse me"}, {"role": "assistant", "content": "No."}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [rows[0], rows[0], rows[1]])
+    with pytest.raises(Exception, match="refused row"):
+        prepare_sft_data(sources(path, chat_template=template), tokenizer)
+    fine = write_jsonl(tmp_path / "fine.jsonl", [rows[0]] * 2)
+    assert len(prepare_sft_data(sources(fine, chat_template=template), tokenizer).train) == 2

@@ -150,10 +150,10 @@ def test_resume_refuses_a_different_run_and_lists_each_difference(world, tmp_pat
     changed = ["--batch-size", "4", "train.seed=1", "lora.r=4", "--data", str(other)]
     assert main(cli_args(world, tmp_path / "run", "--resume", *changed)) == 2
     err = capsys.readouterr().err
-    assert "tunelab sft: error: --resume would continue a different run: " in err
+    assert "tunelab sft: error: resume=True (--resume) would continue a different run: " in err
     for difference in ("train.batch_size: 8 -> 4", "train.seed: 0 -> 1", "lora.r: 8 -> 4", "data.sources: "):
         assert difference in err, difference
-    assert "--allow-changes" in err
+    assert "pass allow_changes=True (--allow-changes) to continue with these" in err
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["batch_size"] == 8 and saved["train"]["seed"] == 0  # the run is left as it was
 
@@ -166,7 +166,7 @@ def test_resume_allows_and_lists_changes_that_keep_the_run(world, tmp_path, caps
     assert "resume: continuing with train.log_every: 10 -> 2; train.max_steps: 2 -> 4" in err
     assert main(cli_args(world, tmp_path / "run", "--resume", "--max-steps", "5", "train.seed=3",
                          "--allow-changes")) == 0
-    assert "warning: resume with --allow-changes: train.seed: 0 -> 3" in capsys.readouterr().err
+    assert "warning: resume with allow_changes=True (--allow-changes): train.seed: 0 -> 3" in capsys.readouterr().err
 
 
 def _exploding_gradient_at(call: int):

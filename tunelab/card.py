@@ -2,10 +2,12 @@
 
 Written into final/ (replacing peft's blank template of an adapter), carried into `tunelab merge` output
 and written beside a `tunelab export` GGUF file. The metadata comes from `huggingface_hub.ModelCardData`:
-base_model, library_name (transformers or peft), tags (tunelab, the recipe, the PEFT method) and datasets
-(the sources named like hub datasets). The body gives the recipe, the PEFT settings, each data source with
+base_model, library_name (transformers, peft, or sentence-transformers for a contrastive run's encoder),
+tags (tunelab, the recipe, the PEFT method; sentence-transformers' own for its models) and datasets (the
+sources named like hub datasets). The body gives the recipe, the PEFT settings, each data source with
 its row counts, the settings that differ from the defaults, steps and epochs, the last training and
-held-out metrics (as metrics.jsonl holds them) and how to load the model.
+held-out metrics (as metrics.jsonl holds them), for a contrastive run the held-out retrieval before and
+after training, and how to load the model.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def changed_settings(config) -> dict:
 
 
 def last_metrics(metrics_file: Path) -> tuple[dict, dict]:
-    """(last training record, last held-out record without its `eval_` prefixes) of a metrics.jsonl."""
+    """(last training record, the held-out records of the last evaluated step, merged, without their `eval_`
+    prefixes) of a metrics.jsonl."""
     from tunelab.jsonlog import read_jsonl
 
     records = read_jsonl(metrics_file, warn=False) if metrics_file.is_file() else []
     train = next((r for r in reversed(records) if "split" not in r), {})
-    held = next((r for r in reversed(records) if r.get("split") == "eval"), {})
+    evals = [r for r in records if r.get("split") == "eval"]
+    held: dict = {}
+    for record in (r for r in evals if r.get("step") == evals[-1].get("step")):  # every held-out record of that step
+        held.update(record)
     return train, {k.removeprefix("eval_"): v for k, v in held.items() if k.startswith("eval_")}
 
 
@@ -75,6 +81,9 @@ def load_snippet(folder: str, recipe: str, library: str) -> str:
                     f'reward = model(**tokenizer(prompt + response, return_tensors="pt")).logits[0, 0]')
         return (f'from transformers import pipeline\n\nscore = pipeline("text-classification", model="{folder}")\n'
                 f'score(prompt + response)  # [{{"label": "reward", "score": ...}}]')
+    if library == "sentence-transformers":
+        return (f'from sentence_transformers import SentenceTransformer\n\nmodel = SentenceTransformer("{folder}")\n'
+                f'embeddings = model.encode(["first text", "second text"])  # or: tunelab embed --model {folder}')
     if recipe == "contrastive":
         return (f'from transformers import AutoModel, AutoTokenizer\n\ntokenizer = AutoTokenizer.from_pretrained('
                 f'"{folder}")\nmodel = AutoModel.from_pretrained("{folder}")  # or: tunelab embed --model {folder}')
@@ -91,9 +100,14 @@ def load_snippet(folder: str, recipe: str, library: str) -> str:
                    'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))')
 
 
-def render_card(config, data, metrics_file: Path, folder: Path, *, library: str):
+SENTENCE_TRANSFORMERS_TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction"]
+
+
+def render_card(config, data, metrics_file: Path, folder: Path, *, library: str,
+                retrieval: tuple[dict, dict] | None = None):
     """The card (a `huggingface_hub.ModelCard`) of a run with `config`, its `data` (a TokenizedData) and
-    metrics; `folder` is where the model will be, named in the loading code."""
+    metrics; `folder` is where the model will be, named in the loading code. `retrieval` is a contrastive
+    run's held-out retrieval metrics (before, after training)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     recipe, recipe_words = RECIPES.get(type(config).__name__, ("train", "training"))
@@ -102,6 +116,8 @@ def render_card(config, data, metrics_file: Path, folder: Path, *, library: str)
     datasets = [name for name in (hub_dataset(s.path) for s in sources) if name]
     tags = ["tunelab", recipe, config.peft if config.peft != "none" else "full-fine-tuning"]
     pipeline_tag = {"rm": "text-classification", "contrastive": "feature-extraction"}.get(recipe, "text-generation")
+    if library == "sentence-transformers":
+        tags, pipeline_tag = tags + SENTENCE_TRANSFORMERS_TAGS, "sentence-similarity"
     meta = ModelCardData(base_model=base, library_name=library, tags=tags, datasets=datasets or None,
                          pipeline_tag=pipeline_tag)
     train, held = last_metrics(metrics_file)
@@ -128,6 +144,13 @@ def render_card(config, data, metrics_file: Path, folder: Path, *, library: str)
                   for k in keys]
     else:
         lines += ["No metrics were logged."]
+    before, after = retrieval or ({}, {})
+    if before or after:
+        lines += ["", "## Held-out retrieval", "",
+                  "Each held-out anchor's positive retrieved among every held-out positive.", "",
+                  "| metric | before training | after training |", "|---|---|---|"]
+        lines += [f"| {k.removeprefix('retrieval_')} | {_number(before[k]) if k in before else ''} | "
+                  f"{_number(after[k]) if k in after else ''} |" for k in dict.fromkeys([*before, *after])]
     lines += ["", "## Load it", "", "```python", load_snippet(str(folder), recipe, library), "```", ""]
     return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines))
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from tunelab import pause, runlock
 from tunelab.jsonlog import trim_jsonl
+from tunelab.naming import setting
 
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -161,7 +162,7 @@ def write_failure(what: str, folder: Path, exc: OSError, needed: int, good: Path
         free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
         return RunDirError(f"no space left on the device while writing {what}: it needs about {_size(needed)}"
                            f" and {_size(free)} is free in {folder}; nothing of it was kept, {kept}. Free "
-                           "some space, then run the same command with --resume")
+                           f"some space, then run it again with {setting('resume', True)}")
     return RunDirError(f"could not write {what} into {folder}: {exc.strerror or exc}; nothing of it was kept, "
                        f"{kept}")
 
@@ -204,13 +205,14 @@ class RunDir:
     def check(self, *, resume: bool = False, overwrite: bool = False) -> None:
         """Raise RunDirError if the directory cannot be used as asked; changes nothing on disk."""
         if not str(self.path) or str(self.path) == ".":
-            raise RunDirError("no output directory given: pass --output DIR")
+            raise RunDirError(f"no output directory given: set {setting('output', metavar='DIR')}")
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"output path {self.path} exists and is not a directory")
         occupied = self.path.exists() and any(self.path.iterdir())
         if occupied and not resume and not overwrite:
-            raise RunDirError(f"output directory {self.path} already holds files; pass --resume to continue "
-                              "that run, --overwrite to replace it, or choose another --output")
+            raise RunDirError(f"output directory {self.path} already holds files; pass {setting('resume', True)} to "
+                              f"continue that run, {setting('overwrite', True)} to replace it, or choose another "
+                              f"{setting('output')}")
         if resume and self.latest_checkpoint() is None:
             raise RunDirError(f"nothing to resume in {self.path}: it has no complete checkpoint "
                               f"(looked in {self.checkpoints})")

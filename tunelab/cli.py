@@ -18,6 +18,7 @@ from pathlib import Path
 from tunelab import __version__
 from tunelab.config import (ConfigError, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, RLOOConfig, RMConfig,
                             SFTConfig, build_config, describe_fields, lr_default_text)
+from tunelab.naming import setting
 
 EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 PEFT_CHOICES = ("lora", "qlora", "prompt", "none")
@@ -193,8 +194,8 @@ def _generation_options(args: argparse.Namespace):
     from tunelab.generation import GenerationOptions
 
     if args.min_new_tokens > args.max_new_tokens:
-        raise ConfigError(f"--min-new-tokens {args.min_new_tokens} is more than --max-new-tokens "
-                          f"{args.max_new_tokens}")
+        raise ConfigError(f"{setting('min_new_tokens')} {args.min_new_tokens} is more than "
+                          f"{setting('max_new_tokens')} {args.max_new_tokens}")
     return GenerationOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
                              min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens, seed=args.seed,

@@ -53,10 +53,11 @@ class Section(BaseModel):
                               allow_inf_nan=False)  # an infinite lr or NaN coefficient is never meant
 
 
-Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference", "prompt"]
+Format = Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt", "kto", "preference",
+                 "prompt"]
 # the column names the row formats read; data.columns maps a source's own names onto them
 CANONICAL_COLUMNS = ("text", "prompt", "completion", "instruction", "input", "output", "system", "history",
-                     "messages", "conversations", "tools", "chosen", "rejected", "margin", "label")
+                     "messages", "conversations", "tools", "chosen", "rejected", "margin", "label", "kto_tag")
 
 
 def _check_columns(value: dict[str, str]) -> dict[str, str]:
@@ -113,8 +114,8 @@ class DataConfig(Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template for `messages` rows, or 'chatml'; default: the tokenizer's")
     cache_dir: str | None = Field(
-        "auto", description="tokenized cache of sft rows between runs, keyed by the data's content, the tokenizer "
-        "and these settings (auto: $TUNELAB_CACHE_DIR, else ~/.cache/tunelab/tokenized; null: off)")
+        "auto", description="tokenized cache of sft, rm, dpo and kto rows between runs, keyed by the data's content, "
+        "the tokenizer and these settings (auto: $TUNELAB_CACHE_DIR, else ~/.cache/tunelab/tokenized; null: off)")
 
     @field_validator("columns")
     @classmethod

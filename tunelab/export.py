@@ -9,7 +9,9 @@ The file follows llama.cpp's layout, which transformers' GGUF reader also loads
   * for the `llama` architecture the rows of the q and k projections regrouped per head from the two rotary
     halves (transformers' `rotate_half` layout) into interleaved pairs (ggml's rope layout); readers undo it;
   * tied input and output embeddings written once, as token_embd, with no output tensor;
-  * the byte-level BPE tokenizer (vocabulary, merges, token types, special ids, chat template) as metadata.
+  * the byte-level BPE tokenizer (vocabulary, merges, token types, special ids, chat template) as metadata,
+    with the chat template's end-of-turn token (`tunelab.eos`) as `tokenizer.ggml.eot_token_id`, which
+    llama.cpp stops a reply at (the installed `gguf` package has no key for a list of end-of-generation ids).
 dtype f32 writes every tensor in float32; f16 and q8_0 store the 2-D matrices in float16 or in Q8_0 blocks
 (32 weights sharing one float16 scale) and keep the 1-D norms in float32, as llama.cpp does.
 
@@ -423,6 +425,9 @@ def _tokenizer_vocab(tokenizer, config, n_vocab: int) -> dict:
         if ids[key] is None and isinstance(getattr(config, f"{key}_token_id", None), (int, list)):
             value = getattr(config, f"{key}_token_id")
             ids[key] = value[0] if isinstance(value, list) and value else (value if isinstance(value, int) else None)
+    from tunelab.eos import end_of_turn_id
+
+    ids["eot"] = end_of_turn_id(tokenizer)  # the chat's end-of-turn token: llama.cpp stops a reply there
     return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "ids": ids,
             "add_bos": ids["bos"] is not None and prefix == [ids["bos"]],
             "add_eos": ids["eos"] is not None and suffix == [ids["eos"]],
@@ -437,7 +442,8 @@ def _add_tokenizer_metadata(writer, vocab: dict) -> None:
     writer.add_token_merges(vocab["merges"])
     ids = vocab["ids"]
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id),
+                     ("eot", writer.add_eot_token_id)):
         if ids[key] is not None:
             add(int(ids[key]))
     writer.add_add_bos_token(vocab["add_bos"])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tunelab.config import ModelConfig, QuantizationConfig
+from tunelab.naming import setting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -378,14 +379,14 @@ def _check_merge_output(output: Path, protected: list[Path], overwrite: bool) ->
     for folder in protected:
         folder = folder.resolve()
         if target == folder or folder in target.parents or target in folder.parents:
-            raise ModelLoadError(f"--output {output} would replace {folder}, which the merge reads; choose a "
-                                 "folder outside it")
+            raise ModelLoadError(f"{setting('output')} {output} would replace {folder}, which the merge reads; "
+                                 "choose a folder outside it")
     if output.exists() and not output.is_dir():
-        raise ModelLoadError(f"--output {output} exists and is not a folder")
+        raise ModelLoadError(f"{setting('output')} {output} exists and is not a folder")
     earlier_merge = (output / MERGE_MARK).is_file()
     if output.is_dir() and any(output.iterdir()) and not earlier_merge and not overwrite:
-        raise ModelLoadError(f"--output {output} already holds files that are not an earlier merge's; pass "
-                             "--overwrite to replace them, or choose another folder")
+        raise ModelLoadError(f"{setting('output')} {output} already holds files that are not an earlier merge's; "
+                             f"pass {setting('overwrite', True)} to replace them, or choose another folder")
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Path:

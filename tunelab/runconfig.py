@@ -12,6 +12,7 @@ from __future__ import annotations
 import yaml
 
 from tunelab.config import flatten
+from tunelab.naming import setting
 
 SAME_RUN = {
     "output", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
@@ -45,7 +46,8 @@ def check_resume_config(saved_text: str, new_text: str, allow_changes: bool, say
         say(f"resume: continuing with {_describe(allowed)}")
     if changed and not allow_changes:
         raise ResumeConfigError(
-            f"--resume would continue a different run: {_describe(changed)}. Use the settings the run was "
-            "started with (they are in its config.yaml), or pass --allow-changes to continue with these")
+            f"{setting('resume', True)} would continue a different run: {_describe(changed)}. Use the settings the "
+            f"run was started with (they are in its config.yaml), or pass {setting('allow_changes', True)} to "
+            "continue with these")
     if changed:
-        say(f"warning: resume with --allow-changes: {_describe(changed)}")
+        say(f"warning: resume with {setting('allow_changes', True)}: {_describe(changed)}")

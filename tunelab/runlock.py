@@ -16,6 +16,8 @@ import socket
 import sys
 from pathlib import Path
 
+from tunelab.naming import setting
+
 LOCK_NAME = "run.lock"
 _held: set[Path] = set()
 
@@ -69,8 +71,8 @@ def check_free(folder: Path) -> None:
     info = holder(folder)
     if info is not None:
         raise LockedError(f"{folder} is in use by {describe(info)} (lock file {Path(folder) / LOCK_NAME}); wait "
-                          "for that run to end, or choose another --output. If that process is gone, delete the "
-                          "lock file")
+                          f"for that run to end, or choose another {setting('output')}. If that process is gone, delete "
+                          "the lock file")
 
 
 def acquire(folder: Path) -> None:

@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import Callable
 
+from tunelab.naming import setting
+
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 _received: list[int] = []
@@ -50,8 +52,8 @@ def at_boundary(save: Callable[[], object], step: int, progress, unit: str = "st
         return
     progress.close()
     path = save()
-    distributed.log(f"\nstopped by {signal_name()} after {unit} {step}: checkpoint saved in {path}; run the same "
-                    "command with --resume to continue")
+    distributed.log(f"\nstopped by {signal_name()} after {unit} {step}: checkpoint saved in {path}; run it again "
+                    f"with {setting('resume', True)} to continue")
     raise Interrupted()
 
 

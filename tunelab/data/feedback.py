@@ -1,5 +1,8 @@
 """Unpaired binary feedback for KTO: (prompt, completion, label) rows, or preference pairs split in two.
 
+LLaMA-Factory's KTO rows (a `conversations` / `messages` conversation with a `kto_tag`, format `kto`) are
+read as such rows: the last assistant turn is the completion, the turns before it the prompt.
+
 A `prompt_completion` row with a boolean `label` is one desirable (true) or undesirable (false) completion;
 the prompt may be text or chat messages, rendered as for SFT (mask on the completion and its end token).
 A preference pair (`prompt`, `chosen`, `rejected`) gives one desirable and one undesirable row. For
@@ -16,6 +19,7 @@ import torch
 
 from tunelab.config import DataConfig
 from tunelab.data.batching import pad_batch
+from tunelab.data.cache import Codec, TokenCache
 from tunelab.data.dataset import TokenizedData, prepare_data
 from tunelab.data.formats import Example
 from tunelab.data.load import DataError
@@ -50,16 +54,18 @@ class FeedbackItem:
 
 
 def parse_label(example: Example) -> bool:
-    """The `label` of a row as a bool; true/false strings (as CSV files hold them) are read too."""
-    if "label" not in example.extra or example.extra["label"] is None:
-        raise DataError(f"{example.where}: missing field 'label' (true: a desirable completion, false: an "
+    """The `label` (or a KTO row's `kto_tag`) of a row as a bool; true/false strings (as CSV files hold them)
+    are read too."""
+    name = example.extra.get("label_field", "label")
+    if example.extra.get("label") is None:
+        raise DataError(f"{example.where}: missing field '{name}' (true: a desirable completion, false: an "
                         "undesirable one)")
     value = example.extra["label"]
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise DataError(f"{example.where}: field 'label' must be a boolean (true: desirable, false: undesirable), "
+    raise DataError(f"{example.where}: field '{name}' must be a boolean (true: desirable, false: undesirable), "
                     f"got {type(value).__name__} ({value!r:.60})")
 
 
@@ -80,14 +86,22 @@ def to_feedback_item(example: Example, tokenizer, config: DataConfig) -> tuple[F
     return FeedbackItem([FeedbackRow(rendered, desirable)], example.where), status
 
 
+FEEDBACK_ITEMS = Codec(  # each row's ids and completion mask, and its verdict (1.0 desirable, 0.0 not)
+    encode=lambda item: ([(row.rendered.ids, row.rendered.mask) for row in item.rows],
+                         [float(row.desirable) for row in item.rows]),
+    decode=lambda seqs, numbers, where: FeedbackItem(
+        [FeedbackRow(Rendered(ids, mask, where), good == 1.0) for (ids, mask), good in zip(seqs, numbers)], where))
+
+
 def prepare_feedback_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[FeedbackItem]:
     """Feedback rows of every source, split into train (one row per item) and held out (pairs kept whole).
 
     The split is made on the source's rows, so both halves of a pair land on the same side. The summary
-    counts train and held-out rows (two per pair).
+    counts train and held-out rows (two per pair). Rendered rows are kept between runs in the tokenized cache.
     """
     data = prepare_data(config, lambda example: to_feedback_item(example, tokenizer, config),
-                        ("prompt_completion", "preference"), "KTO", seed)
+                        ("prompt_completion", "preference"), "KTO", seed,
+                        cache=TokenCache.for_config(config, tokenizer, "kto", FEEDBACK_ITEMS))
     train, start = [], 0
     for summary in data.sources:
         items = data.train[start:start + summary.train]

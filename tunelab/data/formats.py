@@ -7,6 +7,7 @@
 | `alpaca`            | instruction, optional input, output, system, history      | the output                  |
 | `messages`          | messages: [{role, content}, ...], optional system, tools  | every assistant turn        |
 | `sharegpt`          | conversations: [{from, value}, ...], optional system, tools | every gpt / function_call turn |
+| `kto`               | conversations or messages + kto_tag (or label): bool      | the last assistant turn (KTO) |
 | `preference`        | chosen, rejected + a prompt: prompt, conversations        | (reward modeling, DPO, KTO) |
 |                     | (ShareGPT) or instruction + input (alpaca); margin        |                             |
 | `prompt`            | prompt only (text or messages)                            | (PPO / GRPO rollouts)       |
@@ -21,7 +22,9 @@ turns of the prompt and not trained.
 In a preference row with message lists the prompt is the conversation both sides share: a `prompt` that
 chosen and rejected already start with is not repeated, and a `prompt` string beside chosen / rejected
 conversations that carry their own user turn (H4 UltraFeedback) is read as a copy of that turn, as TRL
-reads it. `sharegpt` rows are `messages` rows for every recipe; `columns` maps other column names onto
+reads it. `kto` rows (LLaMA-Factory's KTO layout) are `prompt_completion` rows with a label: the last
+assistant turn is the completion, the turns before it the prompt, `kto_tag` (or `label`) true a desirable
+completion. `sharegpt` rows are `messages` rows for every recipe; `columns` maps other column names onto
 these. A known column that the chosen format does not read is reported, never dropped silently.
 """
 
@@ -37,10 +40,10 @@ from tunelab.data.messages import ROLES, Messages, as_messages, parse_message, p
 __all__ = ["FORMATS", "ROLES", "Example", "Messages", "SourceReading", "detect_format", "read_source",
            "text_or_messages", "to_example", "to_examples"]
 
-FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt", "preference", "prompt")
-KINDS = {"sharegpt": "messages"}  # format -> the kind of Example its rows become
+FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt", "kto", "preference", "prompt")
+KINDS = {"sharegpt": "messages", "kto": "prompt_completion"}  # format -> the kind of Example its rows become
 # columns that some format reads (or that multimodal rows carry): any of them left unread is reported
-KNOWN_COLUMNS = (*CANONICAL_COLUMNS, "choice", "images", "videos", "audios", "kto_tag")
+KNOWN_COLUMNS = (*CANONICAL_COLUMNS, "choice", "images", "videos", "audios")
 
 
 def kind_of(fmt: str) -> str:
@@ -105,6 +108,8 @@ def candidate_formats(columns: set[str]) -> list[str]:
         out.append("preference")
     if "conversations" in columns:
         out.append("sharegpt")
+    if {"messages", "conversations"} & columns and {"kto_tag", "label"} & columns:  # LLaMA-Factory's KTO rows
+        out.append("kto")
     if pairs and "preference" not in out:
         out.append("preference")
     if {"instruction", "output"} <= columns:
@@ -278,6 +283,18 @@ def shared_prompt(prompt: str | Messages | None, chosen: str | Messages, rejecte
     return prompt, chosen, rejected
 
 
+def _kto(fields: _Fields) -> Example:
+    """A LLaMA-Factory KTO row: a conversation whose last assistant turn is the completion, with a verdict."""
+    key = "conversations" if fields.has("conversations") else "messages"
+    messages = fields.conversation(key)
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise DataError(f"{fields.where}: field '{key}' of a KTO row must end with the assistant turn that is "
+                        "judged, after at least one prompt turn")
+    tag = "kto_tag" if fields.has("kto_tag") or not fields.has("label") else "label"
+    return Example("prompt_completion", fields.where, prompt=messages[:-1], completion=messages[-1:],
+                   tools=fields.tools(), extra={"label": fields.get(tag), "label_field": tag})
+
+
 def _read(fields: _Fields, fmt: str) -> Example:
     where = fields.where
     if fmt == "text":
@@ -295,6 +312,8 @@ def _read(fields: _Fields, fmt: str) -> Example:
     if fmt in ("messages", "sharegpt"):
         key = "messages" if fmt == "messages" else "conversations"
         return Example("messages", where, messages=fields.conversation(key), tools=fields.tools())
+    if fmt == "kto":
+        return _kto(fields)
     if fmt == "preference":
         prompt, chosen, rejected = shared_prompt(_preference_prompt(fields), fields.text_or_messages("chosen"),
                                                  fields.text_or_messages("rejected"), where)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.config import DataConfig
+from tunelab.data.cache import Codec, TokenCache
 from tunelab.data.dataset import TokenizedData, prepare_data
 from tunelab.data.formats import Example, Messages
 from tunelab.data.messages import as_messages, has_reply
@@ -85,10 +86,17 @@ def to_pair(example: Example, tokenizer, config: DataConfig) -> tuple[ScoredPair
     return ScoredPair(chosen, rejected, example.margin, example.where), status
 
 
+SCORED_PAIRS = Codec(  # the chosen and rejected ids (nothing masked), the margin
+    encode=lambda pair: ([(pair.chosen, [0] * len(pair.chosen)), (pair.rejected, [0] * len(pair.rejected))],
+                         [pair.margin]),
+    decode=lambda seqs, numbers, where: ScoredPair(seqs[0][0], seqs[1][0], numbers[0], where))
+
+
 def prepare_preference_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[ScoredPair]:
-    """Rendered preference pairs of every source, split into train and held out."""
+    """Rendered preference pairs of every source, split into train and held out (kept between runs in the
+    tokenized cache, data.cache_dir)."""
     return prepare_data(config, lambda example: to_pair(example, tokenizer, config), ("preference",),
-                        "reward modeling", seed)
+                        "reward modeling", seed, cache=TokenCache.for_config(config, tokenizer, "rm", SCORED_PAIRS))
 
 
 @dataclass
@@ -127,7 +135,13 @@ def to_policy_pair(example: Example, tokenizer, config: DataConfig) -> tuple[Pol
     return PolicyPair(rendered[0], rendered[1], example.where), "truncated" if "truncated" in statuses else "kept"
 
 
+POLICY_PAIRS = Codec(  # prompt + chosen and prompt + rejected, each with its completion mask
+    encode=lambda pair: ([(pair.chosen.ids, pair.chosen.mask), (pair.rejected.ids, pair.rejected.mask)], []),
+    decode=lambda seqs, numbers, where: PolicyPair(Rendered(*seqs[0], where), Rendered(*seqs[1], where), where))
+
+
 def prepare_policy_pairs(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[PolicyPair]:
-    """DPO pairs of every source, split into train and held out."""
+    """DPO pairs of every source, split into train and held out (kept between runs in the tokenized cache)."""
     return prepare_data(config, lambda example: to_policy_pair(example, tokenizer, config), ("preference",),
-                        "preference optimization", seed)
+                        "preference optimization", seed,
+                        cache=TokenCache.for_config(config, tokenizer, "dpo", POLICY_PAIRS))

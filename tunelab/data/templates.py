@@ -8,6 +8,7 @@ predicting `ids[t]` from `ids[:t]`"; `mask[0]` is always 0.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from tunelab.data.formats import Example, Messages
@@ -103,6 +104,10 @@ def render_chat(tokenizer, template: str, messages: Messages, add_generation_pro
     not the data's: that is a DataError naming `where`."""
     text = tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+    return _checked(text, messages, tools, where)
+
+
+def _checked(text: str, messages: Messages, tools: list[dict] | None, where: str) -> str:
     for name in call_names(messages):
         if name not in text:
             raise DataError(f"{where}: the chat template does not write tool calls (the call of '{name}' is missing "
@@ -114,6 +119,36 @@ def render_chat(tokenizer, template: str, messages: Messages, add_generation_pro
                             "missing from the rendered text); set data.chat_template to a template that renders "
                             "`tools` (data.chat_template=chatml does)")
     return text
+
+
+# template, messages, add_generation_prompt, tools, where
+ChatRequest = tuple[str, Messages, bool, "list[dict] | None", str]
+
+
+def render_chats(tokenizer, requests: list[ChatRequest]) -> list[str]:
+    """`render_chat` of many requests at once: one `apply_chat_template` call on the list of conversations
+    for each (template, generation prompt, tools) among them, which skips the per-call work of rendering
+    them one by one; the texts are those `render_chat` gives (and a template's own error, such as
+    `raise_exception`, is raised as it is). An empty conversation is the generation prompt alone (some
+    templates refuse it: then nothing)."""
+    out: list[str | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    alone: dict[tuple, str] = {}
+    for index, (template, messages, generation, tools, _) in enumerate(requests):
+        tools_key = json.dumps(tools, sort_keys=True, default=str) if tools else None
+        if not messages:
+            if (template, tools_key) not in alone:
+                alone[template, tools_key] = _generation_only(tokenizer, template, tools)
+            out[index] = alone[template, tools_key]
+            continue
+        groups.setdefault((template, generation, tools_key), []).append(index)
+    for (template, generation, _), indices in groups.items():
+        tools = requests[indices[0]][3]
+        texts = tokenizer.apply_chat_template([requests[i][1] for i in indices], tools=tools or None,
+                                              chat_template=template, tokenize=False, add_generation_prompt=generation)
+        for i, text in zip(indices, texts):
+            out[i] = _checked(text, requests[i][1], tools, requests[i][4])
+    return out
 
 
 def require_chat_template(tokenizer, chat_template: str | None, where: str) -> str:
@@ -138,21 +173,30 @@ def tokenize(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
 
 
-def _conversation_segments(messages: Messages, tokenizer, template: str, where: str,
-                           trained_from: int, tools: list[dict] | None = None) -> list[tuple[str, bool]]:
-    """Split a rendered conversation into (text, trained) segments, one per assistant turn boundary.
+def _turn_requests(messages: Messages, template: str, tools: list[dict] | None, where: str) -> list[ChatRequest]:
+    """What `_conversation_segments` renders: for each assistant turn the conversation before it (with the
+    generation prompt) and up to its end."""
+    requests: list[ChatRequest] = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            requests += [(template, messages[:i], True, tools, where),
+                         (template, messages[: i + 1], False, tools, where)]
+    return requests
+
+
+def _conversation_segments(messages: Messages, texts: list[str], where: str,
+                           trained_from: int) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, trained) segments, one per assistant turn boundary; `texts`
+    are the renders of its `_turn_requests`, in order.
 
     Assistant turns at index >= `trained_from` are trained, including the end-of-turn text the
     template writes after them (the model must learn to stop).
     """
     segments: list[tuple[str, bool]] = []
     done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = (render_chat(tokenizer, template, messages[:i], True, tools, where) if i
-                  else _generation_only(tokenizer, template, tools))
-        after = render_chat(tokenizer, template, messages[: i + 1], False, tools, where)
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    for k, i in enumerate(turns):
+        before, after = texts[2 * k], texts[2 * k + 1]
         if not before.startswith(done) or not after.startswith(before):
             raise DataError(f"{where}: the chat template does not render this conversation as a growing prefix "
                             "turn by turn, so the assistant tokens cannot be located exactly; set "
@@ -173,35 +217,61 @@ def _generation_only(tokenizer, template: str, tools: list[dict] | None = None) 
 Segment = tuple[str | None, bool, bool]  # (text, or None for the EOS token; trained; with BOS etc. added)
 
 
-def example_segments(example: Example, tokenizer, chat_template: str | None = None) -> list[Segment]:
-    """The pieces of an SFT example in order, each tokenized on its own: what `render_example` trains on."""
+def _chat(example: Example, tokenizer, chat_template: str | None) -> tuple[Messages, int, str] | None:
+    """(messages, index of the first trained turn, template) of a chat example; None for a text one."""
+    if example.format == "messages":
+        messages, trained_from = example.messages, 0
+    elif example.format == "prompt_completion" and (isinstance(example.prompt, list)
+                                                    or isinstance(example.completion, list)):
+        prompt = as_messages(example.prompt, "user")  # trained on the completion's assistant turns only
+        messages, trained_from = prompt + as_messages(example.completion, "assistant"), len(prompt)
+    else:
+        return None
+    return messages, trained_from, require_chat_template(tokenizer, chat_template, example.where)
+
+
+def _text_segments(example: Example) -> list[Segment]:
     if example.format == "text":
         return [(example.text, True, True), (None, True, False)]
-    if example.format == "messages" or (example.format == "prompt_completion" and (
-            isinstance(example.prompt, list) or isinstance(example.completion, list))):
-        if example.format == "messages":
-            messages, trained_from = example.messages, 0
-        else:  # trained on the completion's assistant turns only
-            prompt = as_messages(example.prompt, "user")
-            messages, trained_from = prompt + as_messages(example.completion, "assistant"), len(prompt)
-        template = require_chat_template(tokenizer, chat_template, example.where)
-        return [(text, trained, False) for text, trained in
-                _conversation_segments(messages, tokenizer, template, example.where, trained_from, example.tools)]
     if example.format in ("prompt_completion", "alpaca"):
         return [(example.prompt, False, True), (example.completion, True, False), (None, True, False)]
     raise DataError(f"{example.where}: '{example.format}' rows cannot be used for supervised fine-tuning; "
                     "use prompt/completion, alpaca, messages or text rows")
 
 
+def examples_segments(examples: list[Example], tokenizer, chat_template: str | None = None) -> list[list[Segment]]:
+    """The pieces of each SFT example in order, each to be tokenized on its own: what `render_examples`
+    trains on. The chat templates of every chat example are rendered together (`render_chats`)."""
+    chats = [_chat(example, tokenizer, chat_template) for example in examples]
+    requests = [_turn_requests(chat[0], chat[2], example.tools, example.where) if chat else []
+                for example, chat in zip(examples, chats)]
+    texts = iter(render_chats(tokenizer, [r for rows in requests for r in rows]))
+    out = []
+    for example, chat, rows in zip(examples, chats, requests):
+        if chat is None:
+            out.append(_text_segments(example))
+            continue
+        mine = [next(texts) for _ in rows]
+        out.append([(text, trained, False) for text, trained in
+                    _conversation_segments(chat[0], mine, example.where, chat[1])])
+    return out
+
+
+def example_segments(example: Example, tokenizer, chat_template: str | None = None) -> list[Segment]:
+    """The pieces of one SFT example in order, each tokenized on its own: what `render_example` trains on."""
+    return examples_segments([example], tokenizer, chat_template)[0]
+
+
 def render_examples(examples: list[Example], tokenizer, *, train_on_prompt: bool = False,
                     chat_template: str | None = None) -> list[Rendered]:
-    """`render_example` for many examples at once: every piece of every example is tokenized in one batched
-    call of the tokenizer (two: with and without its special additions), which a fast tokenizer runs
-    much faster than one call per piece. The ids and masks are those of `render_example`."""
+    """`render_example` for many examples at once: their chat templates rendered in one `apply_chat_template`
+    call on the list of conversations (`render_chats`), then every piece of every example tokenized in one
+    batched call of the tokenizer (two: with and without its special additions), which a fast tokenizer
+    runs much faster than one call per piece. The ids and masks are those of `render_example`."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
-    plans = [example_segments(example, tokenizer, chat_template) for example in examples]
+    plans = examples_segments(examples, tokenizer, chat_template)
     encoded = {}
     for special in (False, True):
         texts = [text for plan in plans for text, _, with_special in plan if text and with_special == special]

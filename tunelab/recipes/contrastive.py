@@ -160,9 +160,11 @@ def _log_retrieval(run, step: int, metrics: dict[str, float], when: str) -> None
                                                    for k, v in metrics.items()))
 
 
-def write_embedding_final(run, model, tokenizer, config: ContrastiveConfig, pooling: str, whole) -> Path:
+def write_embedding_final(run, model, tokenizer, config: ContrastiveConfig, pooling: str, whole, data=None,
+                          retrieval: tuple[dict, dict] | None = None) -> Path:
     """final/: plain transformers weights (LoRA merged in; a soft prompt stays an adapter), the tokenizer,
-    embedding_config.json, and for an encoder the sentence-transformers files."""
+    embedding_config.json, for an encoder the sentence-transformers files, and the run's model card
+    (README.md: library sentence-transformers for an encoder, with the held-out `retrieval` before / after)."""
     state = None
     if config.peft == "none":
         state = distributed.whole_state_dict(whole, model)
@@ -177,6 +179,12 @@ def write_embedding_final(run, model, tokenizer, config: ContrastiveConfig, pool
             write_embedding_files(tmp, pooling=pooling, normalize=config.contrastive.normalize,
                                   max_length=config.data.max_length, dimension=base.config.hidden_size,
                                   sentence_transformers=is_encoder_tokenizer(tokenizer) and not prompt)
+            from tunelab.card import render_card
+
+            library = ("peft" if (tmp / "adapter_config.json").is_file() else
+                       "sentence-transformers" if (tmp / "modules.json").is_file() else "transformers")
+            render_card(config, data, run.metrics, run.final, library=library,
+                        retrieval=retrieval).save(tmp / "README.md")
     distributed.wait()
     return run.final
 
@@ -228,7 +236,8 @@ def run_contrastive(config: ContrastiveConfig, *, resume: bool = False, overwrit
         from tunelab.report import report_at_end
 
         report_at_end(prepared.run.path, True)  # again, with the retrieval figures in the plots
-    final = write_embedding_final(prepared.run, model, tokenizer, config, pooling, result.module)
+    final = write_embedding_final(prepared.run, model, tokenizer, config, pooling, result.module, data,
+                                  (before, after))
     log(f"contrastive done: {result.steps} steps in {result.seconds:.1f}s"
         + ("; held-out accuracy@1 " + (f"{before['retrieval_accuracy_at_1']:.3f} -> " if before else "")
            + f"{after['retrieval_accuracy_at_1']:.3f}" if after else "") + f"; model in {final}")
