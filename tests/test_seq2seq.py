@@ -134,3 +134,89 @@ def test_text_rows_are_refused_for_an_encoder_decoder(t5_dir, tmp_path):
     with pytest.raises(DataError, match="'text' rows have no prompt for the encoder"):
         run_sft(sft_config(t5_dir, data, tmp_path / "run"), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_on_t5_targets_attention_and_loads_with_plain_peft(t5_dir, copy_data, tmp_path):
+    """LoRA's default on T5 is its attention projections by their own names (recorded in config.yaml); final/
+    loads with AutoPeftModelForSeq2SeqLM, and `merge` writes a standalone model that scores as the adapter."""
+    import yaml
+    from peft import AutoPeftModelForSeq2SeqLM
+    from transformers import AutoModelForSeq2SeqLM
+
+    from tunelab.modeling import merge_adapter
+    from tunelab.recipes.sft import run_sft
+
+    result = run_sft(sft_config(t5_dir, copy_data, tmp_path / "run", peft="lora", lr=1e-2, max_steps=20), quiet=True)
+    adapter = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_2_SEQ_LM" and sorted(adapter["target_modules"]) == ["q", "v"]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lora"]["target_modules"] == ["q", "v"]
+    peft_model = AutoPeftModelForSeq2SeqLM.from_pretrained(result.final_dir).eval()
+    merged_dir = merge_adapter(str(tmp_path / "run"), str(tmp_path / "merged"))
+    merged = AutoModelForSeq2SeqLM.from_pretrained(merged_dir).eval()
+    assert not (merged_dir / "adapter_config.json").exists()
+    ids, labels = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 2]])
+    with torch.no_grad():
+        a = peft_model(input_ids=ids, labels=labels).logits
+        b = merged(input_ids=ids, labels=labels).logits
+        base = AutoModelForSeq2SeqLM.from_pretrained(t5_dir)(input_ids=ids, labels=labels).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert (a - base).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_lora_all_linear_and_prompt_tuning_on_bart(bart_dir, copy_data, tmp_path):
+    from tunelab.recipes.sft import run_sft
+
+    config = sft_config(bart_dir, copy_data, tmp_path / "lora", peft="lora", max_steps=3)
+    config.lora.target_modules = "all-linear"
+    run_sft(config, quiet=True)
+    modules = json.loads((tmp_path / "lora" / "final" / "adapter_config.json").read_text())["target_modules"]
+    assert {"fc1", "fc2", "q_proj", "out_proj"} <= set(modules)
+    prompt = run_sft(sft_config(bart_dir, copy_data, tmp_path / "prompt", peft="prompt", lr=3e-2, max_steps=30),
+                     quiet=True)
+    assert json.loads((prompt.final_dir / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    history = [json.loads(line) for line in (tmp_path / "prompt" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in history if "loss" in m and m.get("split") is None]
+    assert losses[-1] < losses[0]
+    model, tokenizer = load_for_inference(str(prompt.final_dir))
+    from tunelab.rollout import generate
+
+    assert len(generate(model, tokenizer, ["copy: red cat"], max_new_tokens=4)) == 1
+
+
+def test_generate_returns_only_new_text(t5_dir):
+    """The decoder's output holds only new tokens (after its start token): nothing of the prompt is cut."""
+    from tunelab.rollout import generate
+
+    model, tokenizer = load_for_inference(str(t5_dir))
+    prompts = ["copy: red", "copy: green blue moon tree"]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=5)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    raw = model.generate(**encoded, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    assert outputs == tokenizer.batch_decode(raw[:, 1:], skip_special_tokens=True)
+    assert all(out for out in outputs)
+
+
+def test_inspect_shows_encoder_input_and_decoder_tokens(t5_dir, copy_data, capsys):
+    from tunelab.cli import main
+
+    assert main(["inspect", "--model", str(t5_dir), "--data", str(copy_data), "--n", "1", "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder input (" in out and "decoder (" in out
+    decoder_line = next(line for line in out.splitlines() if line.startswith("decoder ("))
+    assert "[[" in decoder_line and "copy:" not in decoder_line
+
+
+def test_eval_reports_rouge_perplexity_and_kl_on_an_encoder_decoder(t5_dir, t5_sft, tmp_path):
+    """`tunelab eval`: the trained model's ROUGE on held-out copies beats the base model's, its perplexity of
+    the references is lower, and its KL to the base is positive (to itself: zero)."""
+    from tunelab.evaluation import run_eval
+
+    data = write_jsonl(tmp_path / "eval.jsonl", copy_rows(12, seed=9))
+    trained = run_eval(str(t5_sft.final_dir), str(data), reference=str(t5_dir))
+    base = run_eval(str(t5_dir), str(data), reference=str(t5_dir))
+    assert trained["rougeL"] > base["rougeL"] + 0.2, (trained["rougeL"], base["rougeL"])
+    assert trained["perplexity"] < base["perplexity"] / 4
+    assert trained["kl"] > 0.1 and abs(base["kl"]) < 1e-5
+    assert all(not g["response"].startswith("copy:") for g in trained["generations"])

@@ -225,8 +225,10 @@ def apply_peft(model: nn.Module, config, task_type: str = "CAUSAL_LM") -> nn.Mod
         if prompt.init_text:
             init = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt.init_text,
                     "tokenizer_name_or_path": resolve_model_path(config.model.name_or_path)}
+        # an encoder-decoder's soft prompt goes before its encoder's input only, as peft's generate puts it
         wrapped = peft.get_peft_model(model, peft.PromptTuningConfig(
-            task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, **init))
+            task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, num_transformer_submodules=1,
+            **init))
         if not prompt.init_text:
             # peft's random init draws N(0, 1) vectors, often 10-100x the norm of real token embeddings,
             # which swamps attention and leaves the prompt stuck; start from embeddings of randomly
