@@ -49,3 +49,14 @@ def make_tiny_seq2seq_dir(directory: Path, kind: str = "t5", seed: int = 0) -> P
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Pairs on the copy task: the chosen response copies the prompt's words, the rejected one does not."""
+    rng = random.Random(seed)
+    rows = []
+    for row in copy_rows(n, seed):
+        words = row["completion"].split()
+        wrong = [rng.choice([w for w in WORDS if w != word]) for word in words]
+        rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": " " + " ".join(wrong)})
+    return rows
