@@ -22,16 +22,25 @@ def copy_rows(n: int, seed: int = 0, length: int = 3) -> list[dict]:
     return rows
 
 
-def make_tokenizer():
+def make_tokenizer(kind: str = "t5"):
+    """A byte-level BPE tokenizer that ends every encoded text with `</s>` as T5's does (BART's: `<s> ... </s>`),
+    which the families' sequence-classification heads read their score at."""
+    from tokenizers import processors
+
     texts = [f"copy: {r['prompt']} {r['completion']}" for r in copy_rows(200)] + WORDS * 5
-    return world.build_tokenizer(texts, vocab_size=320)
+    tokenizer = world.build_tokenizer(texts, vocab_size=320)
+    start = "<s> " if kind == "bart" else ""
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{start}$A </s>", pair=f"{start}$A </s> $B:1 </s>:1",
+        special_tokens=[("<s>", tokenizer.bos_token_id), ("</s>", tokenizer.eos_token_id)])
+    return tokenizer
 
 
 def make_tiny_seq2seq_dir(directory: Path, kind: str = "t5", seed: int = 0) -> Path:
     """Save a random tiny T5 (or BART) and its tokenizer: pad is the T5 decoder's start token, EOS `</s>`."""
     from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(kind)
     torch.manual_seed(seed)
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                vocab_size=len(tokenizer))
