@@ -69,3 +69,8 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
         wrong = [rng.choice([w for w in WORDS if w != word]) for word in words]
         rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": " " + " ".join(wrong)})
     return rows
+
+
+def cat_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Pays for the word 'cat': its share of a response's words (x10)."""
+    return [10 * r.split().count("cat") / max(1, len(r.split())) for r in responses]

@@ -277,3 +277,91 @@ def test_reward_model_on_an_encoder_decoder_beats_chance(kind, t5_dir, bart_dir,
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 28
+
+
+def test_value_head_reads_the_decoder_states_at_response_tokens(t5_dir):
+    from tunelab.recipes.ppo import PolicyWithValueHead
+
+    policy = load_lm(ModelConfig(name_or_path=str(t5_dir))).eval()
+    module = PolicyWithValueHead(policy).eval()
+    ids = torch.tensor([[0, 5, 6, 2, 8, 9, 10], [5, 6, 7, 2, 8, 9, 0]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])  # left-padded prompt, short response
+    loss_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0]])
+    logprobs, values, entropy = module(ids, attention, loss_mask)
+    for tensor in (logprobs, values, entropy):
+        assert tensor.shape == (2, 7) and (tensor[~loss_mask.bool()] == 0).all()
+    assert (logprobs[loss_mask.bool()] < 0).all() and (entropy[loss_mask.bool()] > 0).all()
+    assert torch.allclose(logprobs, token_logprobs(policy, ids, attention, loss_mask), atol=1e-6)
+    # the value of a response token comes from the decoder state before it: the same for a row's shared prefix
+    with torch.no_grad():
+        decoder = policy.get_decoder()(input_ids=torch.tensor([[0, 8, 9]]), encoder_hidden_states=policy.get_encoder()(
+            input_ids=torch.tensor([[5, 6, 2]])).last_hidden_state).last_hidden_state
+        expected = module.value_head(decoder[0]).squeeze(-1)
+    assert torch.allclose(values[0, 4:], expected, atol=1e-5)
+
+
+def ppo_config(model_dir, prompts, output, peft="none", **train):
+    from tunelab.config import PPOConfig
+
+    config = PPOConfig(model=ModelConfig(name_or_path=str(model_dir)), output=str(output), peft=peft,
+                       data=DataConfig(sources=[DataSource(path=str(prompts))], eval_fraction=0.0),
+                       train=TrainConfig(**{**dict(lr=3e-3, batch_size=16, max_steps=25, warmup_ratio=0.0,
+                                                   log_every=5, report=False), **train}))
+    config.ppo.kl_coef = 0.05
+    config.reward.source = "tests.seq2seq_models:cat_reward"
+    config.generation.max_new_tokens = 4
+    config.ppo.minibatch_size = 8
+    config.ppo.sample_every = 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def ppo_prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("ppo") / "prompts.jsonl", [{"prompt": r["prompt"]}
+                                                                          for r in copy_rows(48, seed=5)])
+
+
+def test_ppo_raises_a_callable_reward_with_bounded_kl_and_an_untouched_reference(t5_sft, ppo_prompts, tmp_path,
+                                                                              monkeypatch):
+    """PPO from the copy-task SFT model (whose copies hold 'cat' about one word in eight) with a reward that pays
+    for 'cat': the score rises, the KL stays bounded, and the frozen reference keeps the starting weights."""
+    from safetensors.torch import load_file
+
+    import tunelab.recipes.ppo as ppo_module
+    from tunelab.recipes.ppo import run_ppo
+
+    references = []
+
+    def keep(config):
+        references.append(frozen(config))
+        return references[-1]
+    frozen = ppo_module.frozen_reference
+    monkeypatch.setattr(ppo_module, "frozen_reference", keep)
+    start = t5_sft.final_dir
+    result = run_ppo(ppo_config(start, ppo_prompts, tmp_path / "run", lr=1e-3, max_steps=30), quiet=True)
+    history = result.history
+    first = sum(h["score_mean"] for h in history[:5]) / 5
+    last = sum(h["score_mean"] for h in history[-5:]) / 5
+    assert last > first + 1.0, (first, last)
+    assert max(h["kl"] for h in history) < 20  # the penalty holds the policy within reach of the reference
+    assert {"kl", "explained_variance", "value_loss", "eos_rate", "response_length"} <= history[-1].keys()
+    original = load_file(start / "model.safetensors")
+    (reference,) = references
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in original.items() if k in reference.state_dict())
+    from transformers import AutoModelForSeq2SeqLM
+
+    assert AutoModelForSeq2SeqLM.from_pretrained(result.final_dir).config.is_encoder_decoder
+
+
+def test_ppo_with_lora_uses_the_disabled_adapter_as_reference(t5_dir, ppo_prompts, tmp_path, capsys):
+    from peft import AutoPeftModelForSeq2SeqLM
+
+    from tunelab.recipes.ppo import run_ppo
+
+    result = run_ppo(ppo_config(t5_dir, ppo_prompts, tmp_path / "run", peft="lora", lr=3e-2, max_steps=4),
+                     quiet=True)
+    assert "adapter disabled" in capsys.readouterr().err
+    assert abs(result.history[0]["kl"]) < 1e-4  # the first rollout: policy == reference
+    assert all(math.isfinite(h["value_loss"]) for h in result.history)
+    assert type(AutoPeftModelForSeq2SeqLM.from_pretrained(result.final_dir).get_base_model()).__name__ == \
+        "T5ForConditionalGeneration"
