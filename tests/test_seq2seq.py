@@ -155,6 +155,9 @@ def test_lora_on_t5_targets_attention_and_loads_with_plain_peft(t5_dir, copy_dat
     merged_dir = merge_adapter(str(tmp_path / "run"), str(tmp_path / "merged"))
     merged = AutoModelForSeq2SeqLM.from_pretrained(merged_dir).eval()
     assert not (merged_dir / "adapter_config.json").exists()
+    # the model cards load them with the Seq2SeqLM classes
+    assert "AutoPeftModelForSeq2SeqLM.from_pretrained" in (result.final_dir / "README.md").read_text()
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in (merged_dir / "README.md").read_text()
     ids, labels = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 2]])
     with torch.no_grad():
         a = peft_model(input_ids=ids, labels=labels).logits
@@ -365,3 +368,30 @@ def test_ppo_with_lora_uses_the_disabled_adapter_as_reference(t5_dir, ppo_prompt
     assert all(math.isfinite(h["value_loss"]) for h in result.history)
     assert type(AutoPeftModelForSeq2SeqLM.from_pretrained(result.final_dir).get_base_model()).__name__ == \
         "T5ForConditionalGeneration"
+
+
+def test_ppo_on_t5_against_a_classifier_label_through_pipeline(t5_dir, ppo_prompts, tmp_path):
+    """The course lab's reward: a text-classification pipeline's probability of one label (`reward.label`)."""
+    from transformers import AutoTokenizer, T5Config, T5ForSequenceClassification
+
+    from tunelab.recipes.ppo import run_ppo
+    from tunelab.rewards import load_reward_fn
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    config = T5Config.from_pretrained(t5_dir, num_labels=2, id2label={0: "hate", 1: "nothate"},
+                                      label2id={"hate": 0, "nothate": 1})
+    torch.manual_seed(1)
+    classifier_dir = tmp_path / "classifier"
+    classifier = T5ForSequenceClassification(config).eval()
+    classifier.save_pretrained(classifier_dir)
+    tokenizer.save_pretrained(classifier_dir)
+    reward = load_reward_fn(f"pipeline:{classifier_dir}", label="nothate")
+    scores = reward(["copy: red cat"], [" red cat"])
+    with torch.no_grad():
+        logits = classifier(**tokenizer(["copy: red cat red cat"], return_tensors="pt")).logits
+    assert scores[0] == pytest.approx(float(logits.softmax(-1)[0, 1]), abs=1e-5)
+
+    ppo = ppo_config(t5_dir, ppo_prompts, tmp_path / "run", peft="lora", max_steps=2)
+    ppo.reward.source, ppo.reward.label = f"pipeline:{classifier_dir}", "nothate"
+    result = run_ppo(ppo, quiet=True)
+    assert all(0 < h["score_mean"] < 1 for h in result.history)
