@@ -159,10 +159,17 @@ def load_causal_lm(config: ModelConfig, quantization: QuantizationConfig | None 
 
 
 def is_encoder_decoder_model(name_or_path: str, trust_remote_code: bool = False) -> bool:
-    """True when the model's config says it is an encoder-decoder (T5, FLAN-T5, BART ...), read without weights."""
+    """True when the model's config says it is an encoder-decoder (T5, FLAN-T5, BART ...), read without weights.
+
+    False where there is no readable config (a folder holding a tokenizer only, as `inspect` accepts): loading
+    the model itself, where one is needed, then says what is wrong."""
     from transformers import AutoConfig
 
-    model_config = _load(AutoConfig.from_pretrained, name_or_path, "model config", trust_remote_code=trust_remote_code)
+    try:
+        model_config = _load(AutoConfig.from_pretrained, name_or_path, "model config",
+                             trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        return False
     return bool(getattr(model_config, "is_encoder_decoder", False))
 
 
