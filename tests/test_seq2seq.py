@@ -395,3 +395,38 @@ def test_ppo_on_t5_against_a_classifier_label_through_pipeline(t5_dir, ppo_promp
     ppo.reward.source, ppo.reward.label = f"pipeline:{classifier_dir}", "nothate"
     result = run_ppo(ppo, quiet=True)
     assert all(0 < h["score_mean"] < 1 for h in result.history)
+
+
+def test_grpo_on_t5_raises_the_reward(t5_sft, ppo_prompts, tmp_path):
+    """Critic-free RL samples and scores through the same rollout and log-prob code."""
+    from tunelab.config import GRPOConfig
+    from tunelab.recipes.grpo import run_group_rl
+
+    config = GRPOConfig(model=ModelConfig(name_or_path=str(t5_sft.final_dir)), output=str(tmp_path / "run"),
+                        peft="none", data=DataConfig(sources=[DataSource(path=str(ppo_prompts))], eval_fraction=0.0),
+                        train=TrainConfig(lr=2e-3, batch_size=8, max_steps=30, warmup_ratio=0.0, log_every=10,
+                                          report=False))
+    config.reward.source = "tests.seq2seq_models:cat_reward"
+    config.generation.max_new_tokens = 4
+    config.rl.sample_every = 0
+    history = run_group_rl(config, quiet=True).history
+    first = sum(h["score_mean"] for h in history[:5]) / 5
+    last = sum(h["score_mean"] for h in history[-5:]) / 5
+    assert last > first + 0.5, (first, last)
+    assert all(h["kl"] < 25 for h in history), [h["kl"] for h in history]
+
+
+def test_kto_on_t5_separates_desirable_from_undesirable(t5_dir, tmp_path):
+    from tests.seq2seq_models import preference_rows
+    from tunelab.config import KTOConfig
+    from tunelab.recipes.kto import run_kto
+
+    rows = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in preference_rows(80, seed=6) for side in ("chosen", "rejected")]
+    data = write_jsonl(tmp_path / "feedback.jsonl", rows)
+    config = KTOConfig(model=ModelConfig(name_or_path=str(t5_dir)), output=str(tmp_path / "run"), peft="lora",
+                       data=DataConfig(sources=[DataSource(path=str(data))], max_length=64, eval_fraction=0.2),
+                       train=TrainConfig(lr=3e-2, batch_size=16, max_steps=25, warmup_ratio=0.0, log_every=5, seed=0,
+                                         report=False))
+    held = run_kto(config, quiet=True).train.eval_metrics
+    assert held["reward_desirable"] > held["reward_undesirable"] + 0.5, held
