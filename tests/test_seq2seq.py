@@ -430,3 +430,22 @@ def test_kto_on_t5_separates_desirable_from_undesirable(t5_dir, tmp_path):
                                          report=False))
     held = run_kto(config, quiet=True).train.eval_metrics
     assert held["reward_desirable"] > held["reward_undesirable"] + 0.5, held
+
+
+def test_chat_streams_only_the_decoders_reply(t5_sft):
+    """`tunelab chat` on an encoder-decoder: the streamed reply is the generated text, with nothing of the prompt
+    (the streamer's first, skipped, chunk is the decoder's start token)."""
+    import io
+
+    from tunelab.data.templates import render_chat
+    from tunelab.generation import GenerationOptions, chat_loop
+    from tunelab.rollout import generate
+
+    stdout = io.StringIO()
+    options = GenerationOptions(max_new_tokens=6)
+    assert chat_loop(str(t5_sft.final_dir), options, stdin=io.StringIO("copy: red cat\n/exit\n"), stdout=stdout) == 1
+    streamed = stdout.getvalue().split("model> ")[1].split("\nyou> ")[0]
+    model, tokenizer = load_for_inference(str(t5_sft.final_dir))
+    prompt = render_chat(tokenizer, tokenizer.chat_template, [{"role": "user", "content": "copy: red cat"}], True)
+    assert streamed == generate(model, tokenizer, [prompt], max_new_tokens=6)[0]
+    assert streamed.strip() and "copy" not in streamed and "user" not in streamed
