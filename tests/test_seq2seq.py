@@ -449,3 +449,26 @@ def test_chat_streams_only_the_decoders_reply(t5_sft):
     prompt = render_chat(tokenizer, tokenizer.chat_template, [{"role": "user", "content": "copy: red cat"}], True)
     assert streamed == generate(model, tokenizer, [prompt], max_new_tokens=6)[0]
     assert streamed.strip() and "copy" not in streamed and "user" not in streamed
+
+
+def test_alpaca_and_messages_rows_split_at_the_reply(t5_dir, tmp_path):
+    """Alpaca rows: the templated instruction is the encoder's input. Messages rows (the chat template): the
+    conversation up to the assistant's turn is, and the reply with the template's end of turn is trained."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.dataset import prepare_sft_data
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "copy: red cat", "output": " red cat"}] * 3)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "copy: sun"},
+                                                               {"role": "assistant", "content": "sun"}]}] * 3)
+    for path, source_text, target_text in ((alpaca, "### Instruction:\ncopy: red cat", " red cat</s>"),
+                                            (chat, "<|im_start|>user\ncopy: sun<|im_end|>", "sun<|im_end|>")):
+        config = DataConfig(sources=[DataSource(path=str(path))], eval_fraction=0.0)
+        row = prepare_sft_data(config, tokenizer, encoder_decoder=True).train[0]
+        first = row.mask.index(1)
+        assert source_text in tokenizer.decode(row.ids[:first])
+        assert tokenizer.decode([t for t, m in zip(row.ids, row.mask) if m]).startswith(target_text)
+    config = DataConfig(sources=[DataSource(path=str(alpaca))], train_on_prompt=True)
+    with pytest.raises(DataError, match="train_on_prompt cannot be used with an encoder-decoder"):
+        prepare_sft_data(config, tokenizer, encoder_decoder=True)
