@@ -71,8 +71,29 @@ def _number(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def load_snippet(folder: str, recipe: str, library: str) -> str:
-    """Python that loads the model saved in `folder` with plain transformers / peft."""
+def is_seq2seq_folder(folder: Path) -> bool:
+    """True when `folder` holds an encoder-decoder language model or an adapter for one."""
+    import json
+
+    try:
+        if (folder / "adapter_config.json").is_file():
+            return json.loads((folder / "adapter_config.json").read_text()).get("task_type") == "SEQ_2_SEQ_LM"
+        return bool(json.loads((folder / "config.json").read_text()).get("is_encoder_decoder"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_snippet(folder: str, recipe: str, library: str, seq2seq: bool = False) -> str:
+    """Python that loads the model saved in `folder` with plain transformers / peft (`seq2seq`: an
+    encoder-decoder, loaded with the Seq2SeqLM classes)."""
+    if seq2seq and recipe not in ("rm", "contrastive"):
+        auto = "AutoPeftModelForSeq2SeqLM" if library == "peft" else "AutoModelForSeq2SeqLM"
+        package = "peft" if library == "peft" else "transformers"
+        return (f'from {package} import {auto}\nfrom transformers import AutoTokenizer\n\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\n'
+                f'model = {auto}.from_pretrained("{folder}")\n'
+                'inputs = tokenizer("Summarize: ...", return_tensors="pt")\n'
+                'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))')
     if recipe == "rm":
         if library == "peft":
             return (f'from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer\n\n'
@@ -104,10 +125,10 @@ SENTENCE_TRANSFORMERS_TAGS = ["sentence-transformers", "sentence-similarity", "f
 
 
 def render_card(config, data, metrics_file: Path, folder: Path, *, library: str,
-                retrieval: tuple[dict, dict] | None = None):
+                retrieval: tuple[dict, dict] | None = None, seq2seq: bool = False):
     """The card (a `huggingface_hub.ModelCard`) of a run with `config`, its `data` (a TokenizedData) and
-    metrics; `folder` is where the model will be, named in the loading code. `retrieval` is a contrastive
-    run's held-out retrieval metrics (before, after training)."""
+    metrics; `folder` is where the model will be, named in the loading code (`seq2seq`: an encoder-decoder).
+    `retrieval` is a contrastive run's held-out retrieval metrics (before, after training)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     recipe, recipe_words = RECIPES.get(type(config).__name__, ("train", "training"))
@@ -115,7 +136,8 @@ def render_card(config, data, metrics_file: Path, folder: Path, *, library: str,
     sources = list(getattr(data, "sources", []))
     datasets = [name for name in (hub_dataset(s.path) for s in sources) if name]
     tags = ["tunelab", recipe, config.peft if config.peft != "none" else "full-fine-tuning"]
-    pipeline_tag = {"rm": "text-classification", "contrastive": "feature-extraction"}.get(recipe, "text-generation")
+    pipeline_tag = {"rm": "text-classification", "contrastive": "feature-extraction"}.get(
+        recipe, "text2text-generation" if seq2seq else "text-generation")
     if library == "sentence-transformers":
         tags, pipeline_tag = tags + SENTENCE_TRANSFORMERS_TAGS, "sentence-similarity"
     meta = ModelCardData(base_model=base, library_name=library, tags=tags, datasets=datasets or None,
@@ -151,14 +173,15 @@ def render_card(config, data, metrics_file: Path, folder: Path, *, library: str,
                   "| metric | before training | after training |", "|---|---|---|"]
         lines += [f"| {k.removeprefix('retrieval_')} | {_number(before[k]) if k in before else ''} | "
                   f"{_number(after[k]) if k in after else ''} |" for k in dict.fromkeys([*before, *after])]
-    lines += ["", "## Load it", "", "```python", load_snippet(str(folder), recipe, library), "```", ""]
+    lines += ["", "## Load it", "", "```python", load_snippet(str(folder), recipe, library, seq2seq), "```", ""]
     return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def write_run_card(folder: Path, config, data, metrics_file: Path, final_folder: Path) -> None:
     """Write README.md into `folder` (the model being saved, to end up at `final_folder`)."""
     library = "peft" if (folder / "adapter_config.json").is_file() else "transformers"
-    render_card(config, data, metrics_file, final_folder, library=library).save(folder / "README.md")
+    render_card(config, data, metrics_file, final_folder, library=library,
+                seq2seq=is_seq2seq_folder(folder)).save(folder / "README.md")
 
 
 def carry_card(source: Path, target: Path, *, library: str, note: str, folder: str, gguf: str | None = None) -> bool:
@@ -180,7 +203,7 @@ def carry_card(source: Path, target: Path, *, library: str, note: str, folder: s
         snippet = (f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained('
                    f'"{folder}", gguf_file="{gguf}")  # or: llama-cli -m {Path(folder) / gguf}')
     else:
-        snippet = load_snippet(folder, recipe, library)
+        snippet = load_snippet(folder, recipe, library, is_seq2seq_folder(source))
     body = card.text.split("## Load it")[0].rstrip()
     body = body.replace("\n## Data", f"\n{note}\n\n## Data", 1)
     card.text = f"{body}\n\n## Load it\n\n```python\n{snippet}\n```\n"

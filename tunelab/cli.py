@@ -310,14 +310,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tunelab.data.dataset import prepare_sft_data
     from tunelab.data.inspect import inspect_report
-    from tunelab.modeling import load_tokenizer
+    from tunelab.modeling import is_encoder_decoder_model, load_tokenizer
 
     flags = {"model.name_or_path": args.model, "data.sources": args.data}
     config = build_config(SFTConfig, yaml_path=args.config, flags=flags, overrides=args.overrides)
     tokenizer = load_tokenizer(config.model)
-    data = prepare_sft_data(config.data, tokenizer, seed=config.train.seed)
+    encoder_decoder = is_encoder_decoder_model(config.model.name_or_path, config.model.trust_remote_code)
+    data = prepare_sft_data(config.data, tokenizer, seed=config.train.seed, encoder_decoder=encoder_decoder)
     color = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
-    print(inspect_report(data, tokenizer, n=args.n, color=color))
+    print(inspect_report(data, tokenizer, n=args.n, color=color, encoder_decoder=encoder_decoder))
     return 0
 
 

@@ -128,7 +128,8 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: str | list[str] = Field(
-        "all-linear", description="module names to adapt, or 'all-linear'")
+        "all-linear", description="module names to adapt, or 'all-linear' (the default; for an encoder-decoder "
+        "left unset, its attention projections: q,v on T5, q_proj,v_proj on BART)")
 
 
 class TrainConfig(Section):

@@ -80,7 +80,7 @@ def win_rate(scores_a: list[float], scores_b: list[float], tie_tolerance: float 
 def _scored_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Module]:
     """Hidden states `[N, H]` of the positions that predict scored tokens, and the model's LM head."""
     _, head = trunk_and_head(model)
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     return hidden[:, :-1][batch["loss_mask"][:, 1:].bool()], head
 
 

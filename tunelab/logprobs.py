@@ -17,12 +17,41 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body and the LM head of a causal LM, through a PEFT wrapper if there is one.
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """True for an encoder-decoder (T5, BART), also through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
 
-    LoRA layers are injected into the body's modules in place, so calling the body keeps them active.
+
+class DecoderHead(nn.Module):
+    """The LM head of an encoder-decoder as its own forward applies it: T5's rescaling of the decoder output
+    (`scale_decoder_outputs`, where the head is tied to the embeddings) and BART's `final_logits_bias`."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.head = base.get_output_embeddings()
+        config = base.config
+        scaled = getattr(config, "scale_decoder_outputs", None)
+        if scaled is None:  # older T5 configs say it through the tied embeddings alone
+            scaled = config.model_type in ("t5", "mt5", "umt5") and getattr(config, "tie_word_embeddings", False)
+        self.scale = getattr(config, "d_model", 1) ** -0.5 if scaled else None
+        self.bias = getattr(base, "final_logits_bias", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden * self.scale if self.scale is not None else hidden)
+        return logits + self.bias.to(logits.dtype) if self.bias is not None else logits
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body and the LM head of a language model, through a PEFT wrapper if there is one.
+
+    LoRA layers are injected into the body's modules in place, so calling the body keeps them active. For an
+    encoder-decoder the body is the whole base model (encoder and decoder) and the head applies what its
+    forward adds to the decoder's output (see `DecoderHead`).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "is_encoder_decoder", False):
+        return base, DecoderHead(base)
     return base.get_decoder(), base.get_output_embeddings()
 
 
@@ -94,16 +123,81 @@ def length_buckets(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int
     return [(order[i:j], max(int(sorted_lengths[j - 1]), 1)) for i, j in reversed(bounds)]
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def split_for_encoder_decoder(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+                              ) -> dict[str, torch.Tensor]:
+    """Lay a `[B, T]` batch of `[source | target]` rows out for an encoder-decoder.
+
+    In every row the real tokens before its first scored one are the encoder's input, and the real tokens from
+    it on are the decoder's targets, each side moved to the left of its own right-padded tensor (so prompts
+    left-padded for sampling and rows right-padded for training give the same layout). Returns
+    `encoder_ids`, `encoder_mask` `[B, S]`, `targets`, `target_mask` `[B, D]` (ids 0 on padding) and
+    `target_columns` `[B, D]`, the column of each target in the input batch.
+    """
+    real = attention_mask.bool()
+    in_target = (loss_mask.long().cumsum(1) > 0) & real
+    in_source = real & ~in_target
+
+    def packed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        counts = keep.sum(1)
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        columns = torch.sort((~keep).int(), dim=1, stable=True).indices[:, :width]  # kept columns first, in order
+        mask = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+        return torch.gather(input_ids, 1, columns).masked_fill(~mask, 0), mask.long(), columns
+
+    encoder_ids, encoder_mask, _ = packed(in_source)
+    targets, target_mask, target_columns = packed(in_target)
+    return {"encoder_ids": encoder_ids, "encoder_mask": encoder_mask, "targets": targets,
+            "target_mask": target_mask, "target_columns": target_columns}
+
+
+def decoder_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          loss_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states of an encoder-decoder, laid out as a causal LM's: `[B, T, H]` whose
+    row b, column t - 1 is the state that predicts `input_ids[b, t]`, for every target token t (zero elsewhere).
+
+    The source (the tokens before a row's first scored one) goes to the encoder; the decoder reads its start
+    token and the targets shifted right (teacher forcing), as `generate` produced them. A soft prompt (PEFT
+    prompt tuning) is prepended to the encoder's input, as peft's own seq2seq forward does.
+    """
+    from tunelab.modeling import is_prompt_learning
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layout = split_for_encoder_decoder(input_ids, attention_mask, loss_mask)
+    encoder_ids, encoder_mask = layout["encoder_ids"], layout["encoder_mask"]
+    encoder_input = {"input_ids": encoder_ids}
+    if is_prompt_learning(model):
+        embeddings = base.get_input_embeddings()(encoder_ids)
+        prompt = model.get_prompt(batch_size=encoder_ids.shape[0]).to(embeddings.dtype)
+        encoder_input = {"inputs_embeds": torch.cat([prompt, embeddings], dim=1)}
+        encoder_mask = torch.cat([encoder_mask.new_ones(encoder_ids.shape[0], prompt.shape[1]), encoder_mask], 1)
+    encoded = base.get_encoder()(**encoder_input, attention_mask=encoder_mask).last_hidden_state
+    targets, target_mask = layout["targets"], layout["target_mask"]
+    start = base.config.decoder_start_token_id
+    if start is None:
+        start = base.config.pad_token_id
+    decoder_ids = torch.cat([targets.new_full((targets.shape[0], 1), start), targets[:, :-1]], 1)
+    decoded = base.get_decoder()(input_ids=decoder_ids, attention_mask=target_mask, encoder_hidden_states=encoded,
+                                 encoder_attention_mask=encoder_mask, use_cache=False).last_hidden_state
+    rows, positions = target_mask.bool().nonzero(as_tuple=True)
+    columns = (layout["target_columns"][rows, positions] - 1).clamp(min=0)
+    out = decoded.new_zeros((*input_ids.shape, decoded.shape[-1]))
+    return out.index_put((rows, columns), decoded[rows, positions])
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states `[B, T, H]` of the transformer body, positions counted over real tokens.
 
     With a soft prompt (PEFT prompt tuning) its virtual tokens are prepended, as the PEFT model's own
-    forward and generate do, and their positions are cut from the result.
+    forward and generate do, and their positions are cut from the result. An encoder-decoder needs
+    `loss_mask` (where each row's target starts) and gives its decoder's states (`decoder_hidden_states`).
     """
     from tunelab.modeling import is_prompt_learning
 
     from tunelab.distributed import in_lockstep
 
+    if loss_mask is not None and is_encoder_decoder(model):
+        return decoder_hidden_states(model, input_ids, attention_mask, loss_mask)
     trunk, _ = trunk_and_head(model)
     if not is_prompt_learning(model):
         # a sharded trunk runs once per call on every process, whatever its rows' lengths
@@ -131,11 +225,12 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     """Log-probability of each scored token under `model`.
 
     Args: `input_ids`, `attention_mask`, `loss_mask`: `[B, T]`; `loss_mask[b, t] = 1` scores
-    `input_ids[b, t]` given `input_ids[b, :t]` (right padding).
+    `input_ids[b, t]` given `input_ids[b, :t]` (right padding). For an encoder-decoder the tokens before a
+    row's first scored one are the encoder's input and the rest its decoder's (`split_for_encoder_decoder`).
     Returns `[B, T]` fp32 log-probs, 0 where `loss_mask` is 0.
     """
     _, head = trunk_and_head(model)
-    hidden = hidden_states(model, input_ids, attention_mask)
+    hidden = hidden_states(model, input_ids, attention_mask, loss_mask)
     scored = loss_mask[:, 1:].bool()
     picked = head_logprobs(head, hidden[:, :-1][scored], input_ids[:, 1:][scored], chunk_size)
     shifted = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device).masked_scatter(scored, picked)
@@ -143,7 +238,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 class LogprobModel(nn.Module):
-    """Wraps a causal LM so that its forward returns `token_logprobs`.
+    """Wraps a language model (causal or encoder-decoder) so that its forward returns `token_logprobs`.
 
     Training goes through this module's forward so that `accelerate`'s DDP/FSDP wrappers see the
     whole computation (calling submodules of a DDP model directly would skip gradient sync).

@@ -81,7 +81,7 @@ def check_weight_files(folder: Path) -> None:
 def _load(loader, name_or_path: str, what: str, **kwargs):
     _check_exists(name_or_path)
     name_or_path = resolve_model_path(name_or_path)  # a .gguf file: its converted plain model folder
-    if what != "tokenizer":
+    if what not in ("tokenizer", "model config"):
         check_weight_files(Path(name_or_path))
     try:
         return loader(name_or_path, **kwargs)
@@ -159,12 +159,65 @@ def load_causal_lm(config: ModelConfig, quantization: QuantizationConfig | None 
     return model
 
 
+def is_encoder_decoder_model(name_or_path: str, trust_remote_code: bool = False) -> bool:
+    """True when the model's config says it is an encoder-decoder (T5, FLAN-T5, BART ...), read without weights.
+
+    False where there is no readable config (a folder holding a tokenizer only, as `inspect` accepts): loading
+    the model itself, where one is needed, then says what is wrong."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = _load(AutoConfig.from_pretrained, name_or_path, "model config",
+                             trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        return False
+    return bool(getattr(model_config, "is_encoder_decoder", False))
+
+
+def load_lm(config: ModelConfig, quantization: QuantizationConfig | None = None) -> nn.Module:
+    """The language model of a directory or hub name: an encoder-decoder (`AutoModelForSeq2SeqLM`) where its
+    config says it is one, a causal LM otherwise (`load_causal_lm`)."""
+    if not is_encoder_decoder_model(config.name_or_path, config.trust_remote_code):
+        return load_causal_lm(config, quantization)
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = _load(AutoModelForSeq2SeqLM.from_pretrained, config.name_or_path, "model",
+                  dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, use_safetensors=True,
+                  **_quantized_kwargs(quantization))
+    model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def resolve_lora_targets(config, model: nn.Module) -> None:
+    """LoRA on an encoder-decoder adapts its attention projections by default (peft's mapping for the family:
+    `q`, `v` for T5, `q_proj`, `v_proj` for BART); an explicit `lora.target_modules` (`all-linear` included)
+    is kept. The choice is written into the config, so config.yaml records what was trained."""
+    from tunelab.logprobs import is_encoder_decoder
+
+    lora = getattr(config, "lora", None)
+    if lora is None or "target_modules" in lora.model_fields_set or not is_encoder_decoder(model):
+        return
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+
+    targets = MAPPING.get(model.config.model_type)
+    if targets:
+        lora.target_modules = list(targets)
+
+
 def apply_peft(model: nn.Module, config, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap `model` for `config.peft`: LoRA adapters (lora, qlora), a soft prompt (prompt), or all weights (none).
 
-    With adapters or a soft prompt the base weights are frozen.
+    With adapters or a soft prompt the base weights are frozen. A language model's task type (`CAUSAL_LM`)
+    becomes peft's `SEQ_2_SEQ_LM` for an encoder-decoder.
     """
+    from tunelab.logprobs import is_encoder_decoder
+
     method = config.peft
+    if task_type == "CAUSAL_LM" and is_encoder_decoder(model):
+        task_type = "SEQ_2_SEQ_LM"
     if method == "none":
         model.requires_grad_(True)
         return model
@@ -180,8 +233,10 @@ def apply_peft(model: nn.Module, config, task_type: str = "CAUSAL_LM") -> nn.Mod
         if prompt.init_text:
             init = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": prompt.init_text,
                     "tokenizer_name_or_path": resolve_model_path(config.model.name_or_path)}
+        # an encoder-decoder's soft prompt goes before its encoder's input only, as peft's generate puts it
         wrapped = peft.get_peft_model(model, peft.PromptTuningConfig(
-            task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, **init))
+            task_type=task_type, num_virtual_tokens=prompt.num_virtual_tokens, num_transformer_submodules=1,
+            **init))
         if not prompt.init_text:
             # peft's random init draws N(0, 1) vectors, often 10-100x the norm of real token embeddings,
             # which swamps attention and leaves the prompt stuck; start from embeddings of randomly
@@ -270,18 +325,21 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False) -> tu
     An adapter directory (one holding adapter_config.json) is loaded onto its base model and merged,
     so generation runs at the speed of a plain model.
     """
+    import json
+
     config = ModelConfig(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(config)
     if (Path(name_or_path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM
 
         check_adapter_base(Path(name_or_path))
-        model = _load(AutoPeftModelForCausalLM.from_pretrained, name_or_path, "adapter",
-                      trust_remote_code=trust_remote_code)
+        task = json.loads((Path(name_or_path) / "adapter_config.json").read_text()).get("task_type")
+        loader = AutoPeftModelForSeq2SeqLM if task == "SEQ_2_SEQ_LM" else AutoPeftModelForCausalLM
+        model = _load(loader.from_pretrained, name_or_path, "adapter", trust_remote_code=trust_remote_code)
         if not is_prompt_learning(model):  # a soft prompt cannot be folded into the weights
             model = model.merge_and_unload()
     else:
-        model = load_causal_lm(config)
+        model = load_lm(config)
     return model.eval(), tokenizer
 
 

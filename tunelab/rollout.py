@@ -24,6 +24,29 @@ def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str
         tokenizer.padding_side = side
 
 
+def encoded_prompts(model: nn.Module, tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Prompts tokenized for `generate`: left-padded for a causal LM (`left_padded`); for an encoder-decoder,
+    whose prompts go to the encoder, right-padded as in training."""
+    from tunelab.logprobs import is_encoder_decoder
+
+    if is_encoder_decoder(model):
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        try:
+            return tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        finally:
+            tokenizer.padding_side = side
+    return left_padded(tokenizer, prompts, device)
+
+
+def new_tokens(model: nn.Module, output: torch.Tensor, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The generated tokens of `generate`'s output `[B, L]`: after the prompt of a causal LM, after the decoder's
+    start token of an encoder-decoder (whose output holds decoder tokens only)."""
+    from tunelab.logprobs import is_encoder_decoder
+
+    return output[:, 1:] if is_encoder_decoder(model) else output[:, encoded["input_ids"].shape[1]:]
+
+
 class ReservedLayer(DynamicLayer):
     """A key/value cache layer that writes each step's states into a buffer made once with room for `reserve`
     more tokens, where transformers' dynamic layer concatenates, copying the whole cache at every token (an
@@ -97,8 +120,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
     """Continue each prompt; returns the generated text only (without the prompt), special tokens dropped.
 
     `temperature` 0 means greedy decoding (or beam search with `num_beams` > 1). Prompts are
-    left-padded in batches so that every row's new tokens start at the same position. A `seed`
-    makes sampling reproducible.
+    left-padded in batches so that every row's new tokens start at the same position (an encoder-decoder's
+    go to its encoder, right-padded). A `seed` makes sampling reproducible.
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -110,12 +133,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens:
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            encoded = left_padded(tokenizer, prompts[start:start + batch_size], device)
-            new = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=stops, streamer=streamer,
-                                 **reserved_cache(model, max_new_tokens, num_beams),
-                                 **options)[:, encoded["input_ids"].shape[1]:]
+            encoded = encoded_prompts(model, tokenizer, prompts[start:start + batch_size], device)
+            new = new_tokens(model, model.generate(**encoded, max_new_tokens=max_new_tokens,
+                                                   min_new_tokens=min_new_tokens,
+                                                   repetition_penalty=repetition_penalty,
+                                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+                                                   streamer=streamer,
+                                                   **reserved_cache(model, max_new_tokens, num_beams), **options),
+                             encoded)
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
@@ -152,8 +177,8 @@ def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> 
 class Rollout:
     """A batch of sampled responses, laid out for scoring the response tokens.
 
-    `input_ids`, `attention_mask`, `loss_mask`: `[B, P + R]` (prompt left-padded to P, response
-    right-padded to R; loss_mask marks the response tokens); `ended`: `[B]`.
+    `input_ids`, `attention_mask`, `loss_mask`: `[B, P + R]` (prompt left-padded to P, right-padded for an
+    encoder-decoder, response right-padded to R; loss_mask marks the response tokens); `ended`: `[B]`.
     """
 
     input_ids: torch.Tensor
@@ -176,7 +201,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    encoded = left_padded(tokenizer, prompts, device)
+    encoded = encoded_prompts(model, tokenizer, prompts, device)
     sampling = decoding_options(temperature, top_k, top_p)
     try:
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -185,7 +210,7 @@ def sample_rollouts(model: nn.Module, tokenizer, prompts: list[str], *, max_new_
                                 **sampling)
     finally:
         model.train(was_training)
-    return rollout_from(encoded, output[:, encoded["input_ids"].shape[1]:], tokenizer, prompts)
+    return rollout_from(encoded, new_tokens(model, output, encoded), tokenizer, prompts)
 
 
 def rollout_from(encoded: dict[str, torch.Tensor], response: torch.Tensor, tokenizer, prompts: list[str]) -> Rollout:

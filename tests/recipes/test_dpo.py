@@ -61,8 +61,8 @@ def test_full_finetuning_reference_is_the_starting_weights_without_a_copy(tiny_d
 
     data = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(24))
     loads = []
-    real_load = dpo_module.load_causal_lm
-    monkeypatch.setattr(dpo_module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = dpo_module.load_lm
+    monkeypatch.setattr(dpo_module, "load_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     seen = {}
     real_pre = dpo_module.precompute_reference
 
@@ -167,8 +167,8 @@ def test_reference_free_losses_learn_an_easy_preference_without_any_reference(lo
     import tunelab.recipes.dpo as dpo_module
 
     loads = []
-    real_load = dpo_module.load_causal_lm
-    monkeypatch.setattr(dpo_module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = dpo_module.load_lm
+    monkeypatch.setattr(dpo_module, "load_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
 
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference-free loss asked for a reference")

@@ -121,8 +121,8 @@ def test_kl_off_loads_no_reference_and_lora_disables_the_adapter(tiny_dir, promp
     from tunelab.recipes import online
 
     loads = []
-    real = online.load_causal_lm
-    monkeypatch.setattr(online, "load_causal_lm", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = online.load_lm
+    monkeypatch.setattr(online, "load_lm", lambda *a, **k: loads.append(1) or real(*a, **k))
     result = run_group_rl(group_config(GRPOConfig, tiny_dir, prompts, tmp_path / "off", steps=2, kl="off"))
     assert loads == [] and "kl" not in result.history[-1]
     assert "reference: none (no KL term)" in capsys.readouterr().err

@@ -161,8 +161,8 @@ def test_kto_learns_from_preference_pairs_split_into_unpaired_rows(tiny_dir, tmp
     import tunelab.recipes.kto as kto_module
 
     loads = []
-    real_load = kto_module.load_causal_lm
-    monkeypatch.setattr(kto_module, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = kto_module.load_lm
+    monkeypatch.setattr(kto_module, "load_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     data = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(100))
     # full fine-tuning (the reference a frozen copy) at a high learning rate: LoRA on a randomly initialised
     # 32-wide model learns this too slowly for a test; beta 0.3 rather than 0.1 makes each step count more

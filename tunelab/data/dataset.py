@@ -198,12 +198,26 @@ def add_eval_source(data: TokenizedData[Item], summary: SourceSummary, kept: lis
 SFT_FORMATS = ("text", "prompt_completion", "alpaca", "messages")
 
 
-def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedData[Rendered]:
+def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0,
+                     encoder_decoder: bool = False) -> TokenizedData[Rendered]:
     """Tokenized SFT rows (ids + loss mask) of every source, split into train and held out (rendered in
-    batches: one tokenizer call per chunk of rows; kept between runs in the tokenized cache, data.cache_dir)."""
+    batches: one tokenizer call per chunk of rows; kept between runs in the tokenized cache, data.cache_dir).
+
+    For an `encoder_decoder` model the tokens before a row's first trained one are the encoder's input and the
+    rest the decoder's (`tunelab.logprobs.split_for_encoder_decoder`): `text` rows, which have no prompt, and
+    `data.train_on_prompt` are refused."""
     from tunelab.data.cache import TokenCache
 
+    if encoder_decoder and config.train_on_prompt:
+        raise DataError("data.train_on_prompt cannot be used with an encoder-decoder model: its prompt is the "
+                        "encoder's input, and only the decoder predicts tokens")
+
     def render(examples: list[Example]) -> list[tuple[Rendered | None, str]]:
+        if encoder_decoder:
+            for example in examples:
+                if example.format == "text":
+                    raise DataError(f"{example.where}: 'text' rows have no prompt for the encoder of an "
+                                    "encoder-decoder model; use prompt/completion, alpaca or messages rows")
         usable = [example for example in examples if has_content(example)]
         rendered = iter(render_examples(usable, tokenizer, train_on_prompt=config.train_on_prompt,
                                         chat_template=config.chat_template))
@@ -211,4 +225,4 @@ def prepare_sft_data(config: DataConfig, tokenizer, seed: int = 0) -> TokenizedD
                 else (None, "dropped_empty") for example in examples]
 
     return prepare_data(config, None, SFT_FORMATS, "supervised fine-tuning", seed, render_batch=render,
-                        cache=TokenCache.for_config(config, tokenizer, "sft"))
+                        cache=TokenCache.for_config(config, tokenizer, "sft-seq2seq" if encoder_decoder else "sft"))

@@ -58,8 +58,20 @@ def data_stats(data: TokenizedData) -> dict[str, float]:
     }
 
 
-def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = False) -> str:
-    """A printable report: per-source summary, statistics and the first `n` rendered rows."""
+def encoder_decoder_view(rendered: Rendered, tokenizer, color: bool) -> str:
+    """A row as an encoder-decoder trains on it: the encoder's input (the tokens before the first trained one)
+    and the decoder's tokens, trained spans marked."""
+    first = next((t for t, m in enumerate(rendered.mask) if m), len(rendered.ids))
+    source = terminal_safe(tokenizer.decode(rendered.ids[:first], skip_special_tokens=False))
+    target = Rendered(rendered.ids[first:], rendered.mask[first:], rendered.where)
+    return f"encoder input ({first} tokens): {source}\ndecoder ({len(target.ids)} tokens): " + \
+        (highlight(target, tokenizer, color) if target.ids else "")
+
+
+def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = False,
+                   encoder_decoder: bool = False) -> str:
+    """A printable report: per-source summary, statistics and the first `n` rendered rows (for an
+    `encoder_decoder` model, each row's encoder input and decoder tokens apart)."""
     stats = data_stats(data)
     lines = []
     for source in data.sources:  # each source's counts, how it was read, and what its reading left out
@@ -76,5 +88,6 @@ def inspect_report(data: TokenizedData, tokenizer, n: int = 3, color: bool = Fal
         where = terminal_safe(rendered.where)
         lines.append(f"\n--- {where} ({len(rendered.ids)} tokens, {rendered.trained_tokens} trained, "
                      f"marked with {marker}) ---")
-        lines.append(highlight(rendered, tokenizer, color))
+        lines.append(encoder_decoder_view(rendered, tokenizer, color) if encoder_decoder
+                     else highlight(rendered, tokenizer, color))
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from tunelab.data.templates import Rendered
 from tunelab.distributed import log
 from tunelab.runconfig import check_resume_config
 from tunelab.modeling import (activation_bytes_per_token, apply_peft, check_quantization_possible, count_parameters,
-                              load_tokenizer, save_pretrained)
+                              load_tokenizer, resolve_lora_targets, save_pretrained)
 
 
 def absolute_if_local(name_or_path: str) -> str:
@@ -82,7 +82,9 @@ def prepare_recipe(config: RecipeConfig, *, resume: bool, overwrite: bool,
     for line in data.summary_lines():
         log(f"data: {line}")
     torch.manual_seed(config.train.seed)
-    model = apply_peft(load_model(tokenizer), config, task_type=task_type)
+    model = load_model(tokenizer)
+    resolve_lora_targets(config, model)
+    model = apply_peft(model, config, task_type=task_type)
     trainable, total = count_parameters(model)
     counts = f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     log(f"model: {config.model.name_or_path} ({config.peft}: {counts})")

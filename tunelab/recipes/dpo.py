@@ -27,7 +27,7 @@ from tunelab.data.preference import PolicyPair, prepare_policy_pairs
 from tunelab.logprobs import LogprobModel, token_logprobs
 from tunelab.loop import TrainResult, to_device
 from tunelab.losses import dpo_loss, orpo_loss, simpo_loss
-from tunelab.modeling import adapter_disabled, load_causal_lm
+from tunelab.modeling import adapter_disabled, load_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
 from tunelab.runlock import releasing
@@ -154,7 +154,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
                               allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
-                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
+                              load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
     if config.dpo.reference_free:
         return _train_and_finish(prepared, config, policy, None, f"none ({config.dpo.loss} is reference-free)",
@@ -168,7 +168,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
     ref_model = None
     if separate_ref:
         ref_path = config.ref or config.model.name_or_path
-        ref_model = load_causal_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
+        ref_model = load_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
                                                trust_remote_code=config.model.trust_remote_code))
         ref_model.requires_grad_(False).eval()
     reference = reference_fn(policy, policy if from_start else ref_model, chunk)

@@ -28,7 +28,7 @@ from tunelab.config import GRPOConfig
 from tunelab.distributed import log
 from tunelab.loop import TrainingError
 from tunelab.losses import group_advantages, group_policy_loss, masked_sum
-from tunelab.modeling import load_causal_lm
+from tunelab.modeling import load_lm
 from tunelab.recipes.common import prepare_recipe
 from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_split, checked_scores, frozen_reference,
                                     planned_iterations, prepare_prompts, reference_logprobs, row_pieces,
@@ -182,7 +182,7 @@ def run_group_rl(config: GRPOConfig, *, resume: bool = False, overwrite: bool = 
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
                               allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
-                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
+                              load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     use_ref = rl.kl != "off" and rl.kl_coef > 0
     ref_model = frozen_reference(config) if use_ref else None
     module = PolicyWithValueHead(prepared.model, train.logprob_chunk, value_head=False)

@@ -28,7 +28,7 @@ from tunelab.data.feedback import collate_feedback, item_length, prepare_feedbac
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import TrainResult, to_device
 from tunelab.losses import kto_loss, kto_reference_point
-from tunelab.modeling import load_causal_lm
+from tunelab.modeling import load_lm
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.recipes.dpo import RefFn, reference_fn
 from tunelab.runlock import releasing
@@ -120,7 +120,7 @@ def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
                               allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_feedback_data(config.data, tok, seed=config.train.seed),
-                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
+                              load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
     desirable = sum(item.rows[0].desirable for item in data.train)
     undesirable = len(data.train) - desirable
@@ -132,7 +132,7 @@ def run_kto(config: KTOConfig, *, resume: bool = False, overwrite: bool = False,
     ref_model = None
     if config.peft == "none" or not same_weights:
         ref_path = config.ref or config.model.name_or_path
-        ref_model = load_causal_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
+        ref_model = load_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
                                                trust_remote_code=config.model.trust_remote_code))
         ref_model.requires_grad_(False).eval().to(distributed.state().device)
         source = f"frozen copy of {ref_path}"

@@ -30,7 +30,7 @@ from tunelab.logprobs import token_logprobs
 from tunelab.jsonlog import read_jsonl, trim_jsonl
 from tunelab.loop import (Progress, TrainingError, append_log, build_optimizer, check_grad_norm, check_weights,
                           lr_factor)
-from tunelab.modeling import adapter_disabled, load_causal_lm
+from tunelab.modeling import adapter_disabled, load_lm
 from tunelab.recipes.common import (Prepared, batch_plan, micro_batch_budget, model_export, split_by_tokens,
                                     write_final)
 from tunelab.report import report_at_end
@@ -77,7 +77,7 @@ def frozen_reference(config) -> nn.Module | None:
     """The frozen reference of full fine-tuning (a second copy); None with PEFT (the adapter is disabled)."""
     if config.peft != "none":
         return None
-    ref_model = load_causal_lm(ModelConfig(name_or_path=config.model.name_or_path, dtype=config.model.dtype,
+    ref_model = load_lm(ModelConfig(name_or_path=config.model.name_or_path, dtype=config.model.dtype,
                                            trust_remote_code=config.model.trust_remote_code))
     return ref_model.requires_grad_(False).eval()
 

@@ -29,7 +29,7 @@ from tunelab.logprobs import head_logprobs, hidden_states, trunk_and_head
 from tunelab.loop import TrainingError
 from tunelab.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean, masked_whiten,
                             ppo_policy_loss, ppo_value_loss, token_rewards)
-from tunelab.modeling import load_causal_lm
+from tunelab.modeling import load_lm
 from tunelab.recipes.common import prepare_recipe
 from tunelab.recipes.online import (OnlineLoop, OnlineResult, Step, check_batch_split, checked_scores, frozen_reference,
                                     planned_iterations, prepare_prompts, reference_logprobs, row_pieces,
@@ -41,7 +41,9 @@ from tunelab.trackers import tracked
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM plus a value function: one forward gives log-probs, entropy and values.
+    """A language model plus a value function: one forward gives log-probs, entropy and values.
+
+    For an encoder-decoder the value head reads the decoder's hidden states (`tunelab.logprobs.hidden_states`).
 
     The value function is a scalar head on the policy's own trunk (the default), or a separate critic:
     a one-output sequence-classification model (e.g. the reward model) whose score head is applied
@@ -76,7 +78,7 @@ class PolicyWithValueHead(nn.Module):
         _, head = trunk_and_head(self.policy)
         scored = loss_mask[:, 1:].bool()
         with self.autocast():
-            hidden = hidden_states(self.policy, input_ids, attention_mask)
+            hidden = hidden_states(self.policy, input_ids, attention_mask, loss_mask)
             picked = hidden[:, :-1][scored]
             logprob_entropy = head_logprobs(head, picked, input_ids[:, 1:][scored], self.chunk_size,
                                             with_entropy=True)
@@ -148,7 +150,7 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
                               allow_changes=allow_changes, task_type="CAUSAL_LM",
                               prepare_data=lambda tok: prepare_prompts(config, tok),
-                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
+                              load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     policy = prepared.model
     train, ppo = config.train, config.ppo
     critic = load_critic(config, policy.get_input_embeddings().weight.shape[0]) if ppo.critic else None

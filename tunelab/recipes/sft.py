@@ -17,7 +17,7 @@ from tunelab.data.templates import resolve_chat_template
 from tunelab.logprobs import LogprobModel
 from tunelab.loop import TrainResult
 from tunelab.losses import sft_loss
-from tunelab.modeling import load_causal_lm
+from tunelab.modeling import is_encoder_decoder_model, load_lm
 from tunelab.recipes.common import collate_rendered, log, prepare_recipe, train_recipe, write_final
 from tunelab.runlock import releasing
 from tunelab.trackers import tracked
@@ -42,11 +42,17 @@ def sft_step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str,
 @tracked
 def run_sft(config: SFTConfig, *, resume: bool = False, overwrite: bool = False,
             allow_changes: bool = False, quiet: bool = False) -> SFTResult:
-    """Train a causal LM with supervised fine-tuning and write `final/` into `config.output`."""
+    """Train a language model with supervised fine-tuning and write `final/` into `config.output`.
+
+    An encoder-decoder (T5, BART) reads each row's prompt with its encoder and is trained on the completion
+    and EOS as its decoder's target."""
     prepared = prepare_recipe(config, resume=resume, overwrite=overwrite,
                               allow_changes=allow_changes, task_type="CAUSAL_LM",
-                              prepare_data=lambda tok: prepare_sft_data(config.data, tok, seed=config.train.seed),
-                              load_model=lambda tok: load_causal_lm(config.model, config.quantization_in_force()))
+                              prepare_data=lambda tok: prepare_sft_data(
+                                  config.data, tok, seed=config.train.seed,
+                                  encoder_decoder=is_encoder_decoder_model(config.model.name_or_path,
+                                                                           config.model.trust_remote_code)),
+                              load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
     template = resolve_chat_template(tokenizer, config.data.chat_template)
     if template:
