@@ -1,7 +1,5 @@
 """`python -m tunelab` runs the CLI."""
 
-import sys
+from tunelab.cli import entry
 
-from tunelab.cli import main
-
-sys.exit(main())
+entry()

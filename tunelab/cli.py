@@ -741,6 +741,20 @@ def _error_line(command: str, exc: BaseException, known: bool) -> str:
     return f"tunelab {command}: error: {terminal_safe(text or type(exc).__name__)}"
 
 
+def entry() -> None:
+    """The `tunelab` command and `python -m tunelab`: `main`, then exit with its status. A process of a
+    multi-process run that succeeded leaves through `os._exit` once its output is flushed: everything it writes
+    is written and closed by then, and the interpreter's own teardown of the communication library's threads
+    can abort a finished worker ('terminate called without an active exception')."""
+    status = main()
+    distributed = sys.modules.get("tunelab.distributed")  # not imported: no process group was formed
+    if distributed is not None and distributed.group_ended():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunelab` command; returns the exit status.
 

@@ -134,9 +134,19 @@ def finish() -> None:
     worker torn down that way can abort its process at exit)."""
     import torch.distributed as dist
 
+    global _GROUP_ENDED
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _GROUP_ENDED = True
+
+
+_GROUP_ENDED = False
+
+
+def group_ended() -> bool:
+    """Whether `finish` took a process group down in this process."""
+    return _GROUP_ENDED
 
 
 def derived_seed(*parts: object) -> int:
