@@ -741,11 +741,17 @@ def _error_line(command: str, exc: BaseException, known: bool) -> str:
     return f"tunelab {command}: error: {terminal_safe(text or type(exc).__name__)}"
 
 
+_LEAVE_AT_ONCE = False  # set by `entry`: main's caller leaves through os._exit after a multi-process run
+
+
 def entry() -> None:
     """The `tunelab` command and `python -m tunelab`: `main`, then exit with its status. A process of a
-    multi-process run that succeeded leaves through `os._exit` once its output is flushed: everything it writes
-    is written and closed by then, and the interpreter's own teardown of the communication library's threads
-    can abort a finished worker ('terminate called without an active exception')."""
+    multi-process run that succeeded leaves through `os._exit` right after the closing barrier, once its output
+    is flushed: everything it writes is written and closed by then, and tearing down the communication
+    library's threads (at interpreter exit or in `destroy_process_group`) can abort a finished worker
+    ('terminate called without an active exception')."""
+    global _LEAVE_AT_ONCE
+    _LEAVE_AT_ONCE = True
     status = main()
     distributed = sys.modules.get("tunelab.distributed")  # not imported: no process group was formed
     if distributed is not None and distributed.group_ended():
@@ -773,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         if status == 0:
             from tunelab import distributed
 
-            distributed.finish()
+            distributed.finish(destroy=not _LEAVE_AT_ONCE)
         return status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

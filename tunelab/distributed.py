@@ -128,16 +128,19 @@ def wait() -> None:
     state().wait_for_everyone()
 
 
-def finish() -> None:
+def finish(destroy: bool = True) -> None:
     """End a command that succeeded on several processes: every process waits for the others, then the
-    process group is taken down, so no process exits while a peer still holds a connection to it (a gloo
-    worker torn down that way can abort its process at exit)."""
+    process group is taken down (`destroy`), so no process exits while a peer still holds a connection to it
+    (a gloo worker torn down that way can abort its process at exit). The `tunelab` command passes
+    `destroy=False` and leaves through `os._exit` right after the barrier, so that no destructor of the
+    communication library runs at all."""
     import torch.distributed as dist
 
     global _GROUP_ENDED
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if destroy:
+            dist.destroy_process_group()
         _GROUP_ENDED = True
 
 
