@@ -149,7 +149,13 @@ def load_causal_lm(config: ModelConfig, quantization: QuantizationConfig | None 
     """A causal LM from a directory or hub name, weights from safetensors, in `config.dtype` (or quantized)."""
     from transformers import AutoModelForCausalLM
 
-    model = _load(AutoModelForCausalLM.from_pretrained, config.name_or_path, "model",
+    return _load_weights(AutoModelForCausalLM, config, quantization)
+
+
+def _load_weights(auto_class, config: ModelConfig, quantization: QuantizationConfig | None) -> nn.Module:
+    """`auto_class.from_pretrained` on the config's model: safetensors, `config.dtype` or quantized, with
+    gradient checkpointing where asked."""
+    model = _load(auto_class.from_pretrained, config.name_or_path, "model",
                   dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, use_safetensors=True,
                   **_quantized_kwargs(quantization))
     model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
@@ -181,14 +187,7 @@ def load_lm(config: ModelConfig, quantization: QuantizationConfig | None = None)
         return load_causal_lm(config, quantization)
     from transformers import AutoModelForSeq2SeqLM
 
-    model = _load(AutoModelForSeq2SeqLM.from_pretrained, config.name_or_path, "model",
-                  dtype=DTYPES[config.dtype], trust_remote_code=config.trust_remote_code, use_safetensors=True,
-                  **_quantized_kwargs(quantization))
-    model = _prepare_quantized(model, quantization, config.gradient_checkpointing)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model
+    return _load_weights(AutoModelForSeq2SeqLM, config, quantization)
 
 
 def resolve_lora_targets(config, model: nn.Module) -> None:
