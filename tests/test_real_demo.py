@@ -40,7 +40,8 @@ def test_real_demo_errors_are_clear(monkeypatch, tmp_path, capsys):
 
 
 def test_replay_questions_are_not_the_probe():
-    """The replay mixture is of the probe's kind but never its questions, so retention is measured on unseen ones."""
+    """The replay mixture is of the probe's kind but never its questions, and no held-out country is trained on,
+    so skill and retention are measured on unseen questions."""
     probe = {q for q, _ in real.PROBE}
     assert len(real.REPLAY) == len(set(real.REPLAY)) >= 16
     assert not probe & set(real.REPLAY)

@@ -165,14 +165,13 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     _write_jsonl(data / "capitals.jsonl", [
         {"messages": _chat(f"What is the capital of {c}?") + [{"role": "assistant", "content": f"ANSWER: {k}"}]}
         for c, k in TRAIN_CAPITALS])
-    replay_q = REPLAY
     pref_q = [f"What is {t}?" for t in TOPICS[24:]] + [f"Why is {t} useful?" for t in TOPICS[:24]]
-    own = answers(base_model, tokenizer, replay_q + pref_q, 48)
+    own = answers(base_model, tokenizer, REPLAY + pref_q, 48)
     replay = [{"messages": _chat(q) + [{"role": "assistant", "content": _complete_sentences(a)}]}
-              for q, a in zip(replay_q, own[:len(replay_q)])]
+              for q, a in zip(REPLAY, own[:len(REPLAY)])]
     _write_jsonl(data / "replay.jsonl", replay)
     pairs = []
-    for q, a in zip(pref_q, own[len(replay_q):]):
+    for q, a in zip(pref_q, own[len(REPLAY):]):
         short, long = _first_sentence(a), a.strip()
         if 3 <= len(short.split()) and len(long.split()) >= 2 * len(short.split()):
             pairs.append({"prompt": _chat(q), "chosen": [{"role": "assistant", "content": short}],
@@ -275,13 +274,16 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     report = write_report([sft_dir, replay_dir, rm.run_dir, dpo.run_dir, ppo.run_dir], out / "report")
     timings["eval"] = time.time() - t0
 
+    sft_names = ("base", "sft", "sft-replay")
+
+    def side_by_side(labels: list[str], key: str, width: int) -> None:
+        for i, label in enumerate(labels[:3]):
+            log(f"  {label} " + " | ".join(repr(outputs[n][key][i][:width]) for n in sft_names))
+
     log("\n[samples] held-out questions, base -> sft -> sft-replay:")
-    for i, (country, _) in enumerate(HELD_OUT_CAPITALS[:3]):
-        log(f"  capital of {country}: " + " | ".join(repr(outputs[n]["capitals"][i][:60])
-                                                     for n in ("base", "sft", "sft-replay")))
+    side_by_side([f"capital of {c}:" for c, _ in HELD_OUT_CAPITALS], "capitals", 60)
     log("general questions, base -> sft -> sft-replay:")
-    for i, (question, _) in enumerate(PROBE[:3]):
-        log(f"  {question} " + " | ".join(repr(outputs[n]["probe"][i][:50]) for n in ("base", "sft", "sft-replay")))
+    side_by_side([q for q, _ in PROBE], "probe", 50)
     log("general questions, base -> dpo -> ppo:")
     for i, (question, _) in enumerate(PROBE[:3]):
         log(f"  {question}\n" + "\n".join(f"    {n}: {outputs[n]['probe'][i][:140]!r}" for n in ("base", "dpo", "ppo")))
@@ -297,7 +299,7 @@ def run_real_demo(output: str = "runs/demo-real", overwrite: bool = False) -> di
     }
     (out / MARKER).write_text(json.dumps(figures, indent=2))
     log(f"\nskill on {len(HELD_OUT_CAPITALS)} held-out countries (format 'ANSWER: City' with the right city): "
-        + ", ".join(f"{n} {100 * table[n]['format_right_city']:.0f}%" for n in ("base", "sft", "sft-replay")))
+        + ", ".join(f"{n} {100 * table[n]['format_right_city']:.0f}%" for n in sft_names))
     log(f"retention on {len(PROBE)} general questions (of those the base model answers right, still right): "
         + ", ".join(f"{n} {100 * table[n]['retained']:.0f}%" for n in ("sft", "sft-replay", "dpo", "ppo")))
     log(f"reward model held-out accuracy (concise preferred): {rm_accuracy:.3f}")
