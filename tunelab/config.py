@@ -240,6 +240,10 @@ class RewardConfig(Section):
     center_coef: float = Field(
         0.0, ge=0, description="reward centering: adds coef * mean((r_chosen + r_rejected)^2) (0: off)")
     use_margin: bool = Field(True, description="subtract the rows' `margin` column inside the sigmoid")
+    share_prefix: bool = Field(
+        True, description="score a pair's two sides as one row that holds their common prefix (the prompt) once, "
+        "with an attention mask that keeps the sides apart: the same scores for less work (decoder models with "
+        "sdpa or eager attention, not prompt tuning; false: one padded row per side)")
 
 
 class RMConfig(RecipeConfig):
@@ -268,6 +272,10 @@ class DPOSection(Section):
         "weight 1)")
     precompute_ref: bool = Field(
         False, description="compute reference log-probs once before training, then free the reference")
+    share_prefix: bool = Field(
+        True, description="run a pair's two sides as one row that holds their common prefix (the prompt) once, "
+        "with an attention mask that keeps the sides apart: the same log-probs for less work (decoder models with "
+        "sdpa or eager attention, not prompt tuning; false: one padded row per side)")
 
     @property
     def reference_free(self) -> bool:

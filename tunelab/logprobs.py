@@ -252,5 +252,12 @@ class LogprobModel(nn.Module):
     # FSDP's transformer auto-wrap reads the block classes to shard from the model it is given
     _no_split_modules = property(lambda self: getattr(self.model, "_no_split_modules", None))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, **packed: torch.Tensor) -> torch.Tensor:
+        """`token_logprobs` `[B, T]` of padded rows; given the tensors of packed pairs instead
+        (`tunelab.shared_prefix.pack_pairs` with masks), each side's summed log-probs `[2N]`."""
+        if packed:
+            from tunelab.shared_prefix import packed_pair_logprobs
+
+            return packed_pair_logprobs(self.model, {"input_ids": input_ids, **packed}, self.chunk_size)
         return token_logprobs(self.model, input_ids, attention_mask, loss_mask, self.chunk_size)

@@ -54,8 +54,25 @@ class RewardModule(nn.Module):
     # FSDP's transformer auto-wrap reads the block classes to shard from the model it is given
     _no_split_modules = property(lambda self: getattr(self.model, "_no_split_modules", None))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_scores(self.model, input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                chosen_end: torch.Tensor | None = None, rejected_end: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores `[B]` of padded rows, or with `segments`, of packed pairs (`tunelab.shared_prefix.pack_pairs`):
+        `[2N]`, the chosen sides then the rejected ones."""
+        if segments is None:
+            return sequence_scores(self.model, input_ids, attention_mask)
+        return packed_pair_scores(self.model, input_ids, position_ids, segments, chosen_end, rejected_end)
+
+
+def packed_pair_scores(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       segments: torch.Tensor, chosen_end: torch.Tensor, rejected_end: torch.Tensor) -> torch.Tensor:
+    """A decoder reward model's scores of packed pairs: each side's score read at its last token, `[2N]`."""
+    from tunelab.shared_prefix import packed_hidden_states
+
+    hidden = packed_hidden_states(model, input_ids, position_ids, segments)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = torch.cat([hidden[rows, chosen_end], hidden[rows, rejected_end]])
+    return _unwrap(model).score(last)[:, 0].float()
 
 
 class RewardScorer:

@@ -142,8 +142,12 @@ def micro_batch_budget(config: RecipeConfig, model: nn.Module, device: torch.dev
 
 def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module, step_fn,
                  collate: Callable[[list], dict], length: Callable[[object], int], desc: str, resume: bool,
-                 quiet: bool, prepare_step=None, regroup: Callable[[list], list] | None = None):
+                 quiet: bool, prepare_step=None, regroup: Callable[[list], list] | None = None,
+                 padded_length: Callable[[object], int] | None = None):
     """Run the shared loop on a recipe's prepared data: length-grouped train batches, held-out batches.
+
+    `length` orders the length grouping; `padded_length` (default `length`), an item's width in its
+    collated batch, sizes the micro-batches: packed pairs change the second but not which items share a batch.
 
     `regroup`, when given, maps each training batch's items (in the plan's order) to the items its
     micro-batches collate, one for one, before the batch is split: what an item needs from the rest of
@@ -153,17 +157,18 @@ def train_recipe(prepared: Prepared, config: RecipeConfig, *, module: nn.Module,
 
     data, rows = prepared.data, prepared.data.train
     lengths = [length(r) for r in rows]
+    widths = [padded_length(r) for r in rows] if padded_length is not None else lengths
     budget = micro_batch_budget(config, prepared.model, distributed.state().device)
 
     def collate_batch(indices: list[int]) -> list[dict]:
         items = [rows[i] for i in indices]
         if regroup is not None:
             items = regroup(items)
-        pieces = split_by_tokens(list(range(len(indices))), [lengths[i] for i in indices], budget)
+        pieces = split_by_tokens(list(range(len(indices))), [widths[i] for i in indices], budget)
         return [collate([items[k] for k in piece]) for piece in pieces]
 
     return train(module=module, step_fn=step_fn, plan=batch_plan(data, lengths, config), collate=collate_batch,
-                 eval_batches=eval_batches(data.held_out, [length(r) for r in data.held_out],
+                 eval_batches=eval_batches(data.held_out, [(padded_length or length)(r) for r in data.held_out],
                                            config.train.batch_size, collate),
                  config=config.train, lr=config.resolved_lr(), run=prepared.run, resume=resume, quiet=quiet,
                  desc=desc, prepare_step=prepare_step, export=model_export(prepared.model, prepared.tokenizer))

@@ -31,6 +31,7 @@ from tunelab.modeling import adapter_disabled, load_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
 from tunelab.runlock import releasing
+from tunelab.shared_prefix import attention_implementation, pack_pairs, packed_length, packed_pair_logprobs, supports_shared_prefix
 from tunelab.trackers import tracked
 
 RefFn = Callable[[dict], torch.Tensor]
@@ -45,9 +46,19 @@ class DPOResult:
     reference: str
 
 
-def collate_policy_pairs(pairs: list[PolicyPair], pad_id: int) -> dict:
-    """Chosen rows then rejected rows `[2N, T]` with completion masks; precomputed `ref_logps [2N]` if known."""
-    batch = collate_rendered([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+PACKED_INPUTS = ("position_ids", "segments", "chosen_mask", "rejected_mask", "parent")
+
+
+def collate_policy_pairs(pairs: list[PolicyPair], pad_id: int, share_prefix: bool = False) -> dict:
+    """Chosen rows then rejected rows `[2N, T]` with completion masks, or with `share_prefix` one packed row per
+    pair (`tunelab.shared_prefix.pack_pairs`); precomputed `ref_logps [2N]` if known."""
+    if share_prefix:
+        batch = {k: v for k, v in pack_pairs([(p.chosen.ids, p.rejected.ids) for p in pairs], pad_id,
+                                             [(p.chosen.mask, p.rejected.mask) for p in pairs]).items()
+                 if k == "input_ids" or k in PACKED_INPUTS}
+        batch["n_tokens"] = sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)
+    else:
+        batch = collate_rendered([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     batch["n_items"] = len(pairs)
     if all(p.ref_chosen is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs])
@@ -55,8 +66,24 @@ def collate_policy_pairs(pairs: list[PolicyPair], pad_id: int) -> dict:
 
 
 def sequence_logprobs(model: nn.Module, batch: dict, chunk_size: int) -> torch.Tensor:
-    """Summed completion log-probs per row `[2N]`."""
+    """Summed completion log-probs of each side `[2N]` (chosen sides, then rejected)."""
+    if "segments" in batch:
+        return packed_pair_logprobs(model, batch, chunk_size)
     return token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_size).sum(-1)
+
+
+def side_logprobs(module: LogprobModel, batch: dict) -> torch.Tensor:
+    """`sequence_logprobs` through the trained module's forward (so data-parallel wrappers see it)."""
+    if "segments" in batch:
+        return module(batch["input_ids"], **{k: batch[k] for k in PACKED_INPUTS})
+    return module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sum(-1)
+
+
+def side_tokens(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored tokens of each chosen and each rejected side, `[N]` and `[N]`."""
+    if "segments" in batch:
+        return batch["chosen_mask"].sum(-1), batch["rejected_mask"].sum(-1)
+    return batch["loss_mask"].sum(-1).chunk(2)
 
 
 def reference_fn(policy: nn.Module, ref_model: nn.Module | None, chunk_size: int) -> RefFn:
@@ -83,9 +110,8 @@ def dpo_step(config: DPOConfig, reference: RefFn | None):
     beta = dpo.resolved_beta()
 
     def step(module: LogprobModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sum(-1)
-        policy_chosen, policy_rejected = logps.chunk(2)
-        chosen_tokens, rejected_tokens = batch["loss_mask"].sum(-1).chunk(2)
+        policy_chosen, policy_rejected = side_logprobs(module, batch).chunk(2)
+        chosen_tokens, rejected_tokens = side_tokens(batch)
         if dpo.loss == "simpo":
             loss_sum, metrics = simpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta,
                                            dpo.gamma)
@@ -108,21 +134,26 @@ def pair_length(pair: PolicyPair) -> int:
     return len(pair.chosen.ids) + len(pair.rejected.ids)
 
 
+def shared_pair_length(pair: PolicyPair) -> int:
+    return packed_length(pair.chosen.ids, pair.rejected.ids)
+
+
 def precompute_reference(pairs: list[PolicyPair], reference: RefFn, pad_id: int, batch_size: int,
-                         budget: int | None, device: torch.device) -> None:
+                         budget: int | None, device: torch.device, share_prefix: bool = False) -> None:
     """Store reference log-probs on every pair, so the reference model is needed only once.
 
     Pairs go shortest first, `batch_size` at a time, split further to stay within `budget` padded tokens.
     With several processes each computes every N-th batch and the results are gathered, so every
     process ends with all pairs' values, each computed once.
     """
-    lengths = [pair_length(p) for p in pairs]
+    lengths = [(shared_pair_length if share_prefix else pair_length)(p) for p in pairs]
     ordered = sorted(range(len(pairs)), key=lambda i: lengths[i])
     starts = range(0, len(ordered), batch_size)[distributed.rank()::distributed.world_size()]
     mine: dict[int, tuple[float, float]] = {}
     for start in starts:
         for piece in split_by_tokens(ordered[start:start + batch_size], lengths, budget):
-            ref = reference(to_device(collate_policy_pairs([pairs[i] for i in piece], pad_id), device)).tolist()
+            batch = collate_policy_pairs([pairs[i] for i in piece], pad_id, share_prefix)
+            ref = reference(to_device(batch, device)).tolist()
             mine.update((i, pair) for i, pair in zip(piece, zip(ref[:len(piece)], ref[len(piece):])))
     for part in distributed.gather_objects(mine):
         for i, (chosen, rejected) in part.items():
@@ -156,9 +187,10 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
                               prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
+    share = shares_prefix(config, policy)
     if config.dpo.reference_free:
         return _train_and_finish(prepared, config, policy, None, f"none ({config.dpo.loss} is reference-free)",
-                                 resume, quiet)
+                                 resume, quiet, share)
     chunk, device = config.train.logprob_chunk, distributed.state().device
     same_weights = config.ref is None or config.ref == config.model.name_or_path
     # full fine-tuning from the reference's own weights: the policy before its first update is the
@@ -171,6 +203,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
         ref_model = load_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
                                                trust_remote_code=config.model.trust_remote_code))
         ref_model.requires_grad_(False).eval()
+        share = share and supports_shared_prefix(ref_model)
     reference = reference_fn(policy, policy if from_start else ref_model, chunk)
     source = f"frozen copy of {config.ref or config.model.name_or_path}" if separate_ref else "adapter disabled"
 
@@ -181,23 +214,34 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
         # (under ZeRO-3 the models were loaded partitioned: gathered whole for this pass)
         with distributed.gathered(policy), distributed.gathered(ref_model or policy):
             precompute_reference(data.train + data.held_out, reference, tokenizer.pad_token_id,
-                                 config.train.batch_size, micro_batch_budget(config, policy, device), device)
+                                 config.train.batch_size, micro_batch_budget(config, policy, device), device, share)
         reference, ref_model = None, None  # freed: every batch now carries its reference log-probs
         gc.collect()
         source = ("precomputed from the starting weights before the first update (no second copy)" if from_start
                   else f"precomputed ({source}), then freed")
     if ref_model is not None:
         ref_model.to(device)
-    return _train_and_finish(prepared, config, policy, reference, source, resume, quiet)
+    return _train_and_finish(prepared, config, policy, reference, source, resume, quiet, share)
+
+
+def shares_prefix(config: DPOConfig, policy: nn.Module) -> bool:
+    """`dpo.share_prefix` in force for this policy; said in the log when the model cannot take it."""
+    if not config.dpo.share_prefix:
+        return False
+    if supports_shared_prefix(policy):
+        return True
+    log("dpo: dpo.share_prefix does not apply to this model (an encoder-decoder, a soft prompt, or attention "
+        f"without custom masks: {attention_implementation(policy)}); each side of a pair gets its own row")
+    return False
 
 
 def _train_and_finish(prepared, config: DPOConfig, policy: nn.Module, reference: RefFn | None, source: str,
-                      resume: bool, quiet: bool) -> DPOResult:
+                      resume: bool, quiet: bool, share: bool) -> DPOResult:
     log(f"reference: {source}")
     tokenizer, data, chunk = prepared.tokenizer, prepared.data, config.train.logprob_chunk
     result = train_recipe(prepared, config, module=LogprobModel(policy, chunk), step_fn=dpo_step(config, reference),
-                          collate=lambda pairs: collate_policy_pairs(pairs, tokenizer.pad_token_id),
-                          length=pair_length, desc="dpo",
+                          collate=lambda pairs: collate_policy_pairs(pairs, tokenizer.pad_token_id, share),
+                          length=pair_length, padded_length=shared_pair_length if share else None, desc="dpo",
                           resume=resume, quiet=quiet)
     final = write_final(prepared.run, policy, tokenizer, whole=result.module, config=config,
                         data=prepared.data)

@@ -22,6 +22,7 @@ from tunelab.modeling import load_reward_model
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.rewards import RewardModule
 from tunelab.runlock import releasing
+from tunelab.shared_prefix import attention_implementation, pack_pairs, packed_length, supports_shared_prefix
 from tunelab.trackers import tracked
 
 
@@ -33,21 +34,29 @@ class RMResult:
     data: TokenizedData
 
 
-def collate_pairs(pairs: list[ScoredPair], pad_id: int) -> dict:
-    """Chosen rows then rejected rows in one padded batch `[2N, T]`, with margins `[N]`."""
-    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = pad_batch(sequences, [[0] * len(s) for s in sequences], pad_id)
-    del batch["loss_mask"]
+def collate_pairs(pairs: list[ScoredPair], pad_id: int, share_prefix: bool = False) -> dict:
+    """Chosen rows then rejected rows in one padded batch `[2N, T]`, with margins `[N]`; with `share_prefix`,
+    one packed row per pair instead (`tunelab.shared_prefix.pack_pairs`)."""
+    if share_prefix:
+        batch = pack_pairs([(p.chosen, p.rejected) for p in pairs], pad_id)
+        del batch["prefix_len"]
+    else:
+        sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        batch = pad_batch(sequences, [[0] * len(s) for s in sequences], pad_id)
+        del batch["loss_mask"]
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
     batch["n_items"] = len(pairs)
-    batch["n_tokens"] = int(batch["attention_mask"].sum())
+    batch["n_tokens"] = sum(len(p.chosen) + len(p.rejected) for p in pairs)
     return batch
+
+
+SCORE_INPUTS = ("input_ids", "attention_mask", "position_ids", "segments", "chosen_end", "rejected_end")
 
 
 def reward_step(center_coef: float, use_margin: bool):
     """The loop's step function: score both sides of every pair and apply the Bradley-Terry loss."""
     def step(module: RewardModule, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        scores = module(batch["input_ids"], batch["attention_mask"])
+        scores = module(**{k: v for k, v in batch.items() if k in SCORE_INPUTS})
         chosen, rejected = scores.chunk(2)
         loss_sum, metrics = bradley_terry_loss(chosen, rejected, batch["margin"] if use_margin else None,
                                                center_coef)
@@ -66,12 +75,17 @@ def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False,
         load_model=lambda tok: load_reward_model(config.model, tok.pad_token_id,
                                                   config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
+    share = config.reward.share_prefix and supports_shared_prefix(model)
+    if config.reward.share_prefix and not share:
+        log("rm: reward.share_prefix does not apply to this model (an encoder, a soft prompt, or attention "
+            f"without custom masks: {attention_implementation(model)}); each side of a pair gets its own row")
 
     result = train_recipe(prepared, config, module=RewardModule(model),
                           step_fn=reward_step(config.reward.center_coef, config.reward.use_margin),
-                          collate=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id),
-                          length=lambda pair: max(len(pair.chosen), len(pair.rejected)), desc="rm", resume=resume,
-                          quiet=quiet)
+                          collate=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id, share),
+                          length=lambda pair: max(len(pair.chosen), len(pair.rejected)),
+                          padded_length=(lambda pair: packed_length(pair.chosen, pair.rejected)) if share else None,
+                          desc="rm", resume=resume, quiet=quiet)
     final = write_final(prepared.run, model, tokenizer, whole=result.module, config=config,
                         data=prepared.data)
     held = result.eval_metrics
