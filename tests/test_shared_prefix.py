@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
-                          LlamaForSequenceClassification)
+from transformers import (BertConfig, BertForSequenceClassification, BloomConfig, BloomForCausalLM, LlamaConfig,
+                          LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig, MistralForCausalLM)
 
 from tests.helpers import make_tiny_model_dir, max_weight_diff, write_jsonl
 from tests.recipes.test_dpo import dpo_config
@@ -95,6 +95,13 @@ def test_models_that_cannot_take_packed_pairs_are_recognised():
     assert supports_shared_prefix(llama) and not supports_shared_prefix(bert)
     llama.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
     assert not supports_shared_prefix(llama)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, sliding_window=8))
+    assert not supports_shared_prefix(mistral)  # the custom mask would replace its sliding window
+    mistral.config.sliding_window = None
+    assert supports_shared_prefix(mistral)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=4))
+    assert not supports_shared_prefix(bloom)  # ALiBi: positions from the columns, not position_ids
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +137,7 @@ def test_prompt_tuning_reward_model_falls_back_to_one_row_per_side(tiny_dir, tmp
     config = rm_config(tiny_dir, data, tmp_path / "rm", max_steps=2, log_every=1)
     config.peft = "prompt"
     result = run_rm(config)
-    assert "reward.share_prefix does not apply to this model" in capsys.readouterr().err
+    assert "reward.share_prefix does not apply to this model (a soft prompt" in capsys.readouterr().err
     assert len(logged_losses(result.run_dir)) == 2
 
 
@@ -194,5 +201,5 @@ def test_prompt_tuning_dpo_falls_back_to_one_row_per_side(tiny_dir, tmp_path, ca
     data = write_jsonl(tmp_path / "pairs.jsonl", review_pairs(24))
     config = dpo_config(tiny_dir, data, tmp_path / "dpo", peft="prompt", max_steps=2)
     result = run_dpo(config)
-    assert "dpo.share_prefix does not apply to this model" in capsys.readouterr().err
+    assert "dpo.share_prefix does not apply to this model (a soft prompt" in capsys.readouterr().err
     assert len(logged_losses(result.run_dir)) == 2

@@ -13,12 +13,15 @@ the rejected tokens never see the chosen ones. Each side's hidden states are the
 row run alone (positions and visible tokens are the same), for less work: the prefix's tokens once, and no
 padding of the shorter side to the longer.
 
-Only for causal LMs whose attention takes a custom 4D mask (transformers' `sdpa` and `eager`), and not with a
-soft prompt (PEFT prompt tuning prepends virtual tokens the layout does not know of); elsewhere recipes use
-two rows per pair.
+Only for causal LMs whose attention takes a custom 4D mask (transformers' `sdpa` and `eager`), whose positions
+come from `position_ids` (not ALiBi), with no sliding-window layers (the custom mask would replace their
+window), and not with a soft prompt (PEFT prompt tuning prepends virtual tokens the layout does not know of);
+elsewhere recipes use two rows per pair.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -59,7 +62,7 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int,
     segments = torch.full((n, width), PAD_SEGMENT, dtype=torch.long)
     prefix_len, chosen_end, rejected_end = (torch.zeros(n, dtype=torch.long) for _ in range(3))
     if masks is not None:
-        chosen_mask, rejected_mask = torch.zeros((n, width), dtype=torch.long), torch.zeros((n, width), dtype=torch.long)
+        chosen_mask, rejected_mask = (torch.zeros((n, width), dtype=torch.long) for _ in range(2))
         parent = torch.full((n, width), -1, dtype=torch.long)
     for row, (a, b) in enumerate(pairs):
         p = common_prefix(a, b)
@@ -92,16 +95,64 @@ def attention_implementation(model: nn.Module) -> str | None:
 
 
 def supports_shared_prefix(model: nn.Module) -> bool:
-    """True when `model` can run packed pairs: a causal LM (no encoder-decoder, no encoder-only classifier),
-    attention that takes a custom 4D mask, and no soft prompt."""
+    """True when `model` can run packed pairs (see `unshared_reason`)."""
+    return unshared_reason(model) is None
+
+
+def unshared_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot run packed pairs, or None when it can: it must be a causal LM (no encoder-decoder, no
+    encoder-only classifier) without a soft prompt, whose attention takes a custom 4D mask, whose positions come
+    from `position_ids`, with no sliding-window layers."""
     from tunelab.logprobs import is_encoder_decoder
     from tunelab.modeling import is_prompt_learning
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if config is None or is_encoder_decoder(model) or is_prompt_learning(model) or not _is_causal_lm(base):
+    if config is None or is_encoder_decoder(model):
+        return "an encoder-decoder"
+    if is_prompt_learning(model):
+        return "a soft prompt, whose virtual tokens the layout does not hold"
+    if not _is_causal_lm(base):
+        return "an encoder"
+    if attention_implementation(model) not in MASKABLE_ATTENTION:
+        return f"{attention_implementation(model)} attention, which takes no custom mask"
+    if not _positions_from_ids(base):
+        return "positions not taken from position_ids (ALiBi)"
+    if _sliding_window(config):
+        return "sliding-window attention layers"
+    return None
+
+
+def shared_prefix_in_force(wanted: bool, setting: str, *models: nn.Module | None) -> bool:
+    """Whether a recipe runs packed pairs: `wanted` (its `setting`, e.g. `reward.share_prefix`) and every model
+    that reads the pairs can; when one cannot, the log says why."""
+    if not wanted:
         return False
-    return attention_implementation(model) in MASKABLE_ATTENTION
+    for model in models:
+        reason = unshared_reason(model) if model is not None else None
+        if reason is not None:
+            from tunelab.distributed import log
+
+            log(f"{setting} does not apply to this model ({reason}); each side of a pair gets its own row")
+            return False
+    return True
+
+
+def _positions_from_ids(base: nn.Module) -> bool:
+    # the layout restarts positions where the sides part: the body must take them as position_ids, and must not
+    # derive positions of its own from the columns (ALiBi biases)
+    from tunelab.logprobs import trunk_and_head
+
+    trunk, _ = trunk_and_head(base)
+    takes_positions = "position_ids" in inspect.signature(trunk.forward).parameters
+    return takes_positions and not getattr(base.config, "alibi", False)
+
+
+def _sliding_window(config) -> bool:
+    # a custom mask replaces the sliding-window mask such layers build: rows past the window would see too much
+    if any("sliding" in str(kind) for kind in getattr(config, "layer_types", None) or []):
+        return True
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
 
 
 def _is_causal_lm(base: nn.Module) -> bool:

@@ -31,7 +31,7 @@ from tunelab.modeling import adapter_disabled, load_lm
 from tunelab.recipes.common import (collate_rendered, log, micro_batch_budget, prepare_recipe, split_by_tokens,
                                     train_recipe, write_final)
 from tunelab.runlock import releasing
-from tunelab.shared_prefix import attention_implementation, pack_pairs, packed_length, packed_pair_logprobs, supports_shared_prefix
+from tunelab.shared_prefix import pack_pairs, packed_length, packed_pair_logprobs, shared_prefix_in_force
 from tunelab.trackers import tracked
 
 RefFn = Callable[[dict], torch.Tensor]
@@ -187,7 +187,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
                               prepare_data=lambda tok: prepare_policy_pairs(config.data, tok, seed=config.train.seed),
                               load_model=lambda tok: load_lm(config.model, config.quantization_in_force()))
     tokenizer, data, policy = prepared.tokenizer, prepared.data, prepared.model
-    share = shares_prefix(config, policy)
+    share = shared_prefix_in_force(config.dpo.share_prefix, "dpo.share_prefix", policy)
     if config.dpo.reference_free:
         return _train_and_finish(prepared, config, policy, None, f"none ({config.dpo.loss} is reference-free)",
                                  resume, quiet, share)
@@ -203,7 +203,7 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
         ref_model = load_lm(ModelConfig(name_or_path=ref_path, dtype=config.model.dtype,
                                                trust_remote_code=config.model.trust_remote_code))
         ref_model.requires_grad_(False).eval()
-        share = share and supports_shared_prefix(ref_model)
+        share = shared_prefix_in_force(share, "dpo.share_prefix", ref_model)
     reference = reference_fn(policy, policy if from_start else ref_model, chunk)
     source = f"frozen copy of {config.ref or config.model.name_or_path}" if separate_ref else "adapter disabled"
 
@@ -222,17 +222,6 @@ def run_dpo(config: DPOConfig, *, resume: bool = False, overwrite: bool = False,
     if ref_model is not None:
         ref_model.to(device)
     return _train_and_finish(prepared, config, policy, reference, source, resume, quiet, share)
-
-
-def shares_prefix(config: DPOConfig, policy: nn.Module) -> bool:
-    """`dpo.share_prefix` in force for this policy; said in the log when the model cannot take it."""
-    if not config.dpo.share_prefix:
-        return False
-    if supports_shared_prefix(policy):
-        return True
-    log("dpo: dpo.share_prefix does not apply to this model (an encoder-decoder, a soft prompt, or attention "
-        f"without custom masks: {attention_implementation(policy)}); each side of a pair gets its own row")
-    return False
 
 
 def _train_and_finish(prepared, config: DPOConfig, policy: nn.Module, reference: RefFn | None, source: str,

@@ -22,7 +22,7 @@ from tunelab.modeling import load_reward_model
 from tunelab.recipes.common import log, prepare_recipe, train_recipe, write_final
 from tunelab.rewards import RewardModule
 from tunelab.runlock import releasing
-from tunelab.shared_prefix import attention_implementation, pack_pairs, packed_length, supports_shared_prefix
+from tunelab.shared_prefix import pack_pairs, packed_length, shared_prefix_in_force
 from tunelab.trackers import tracked
 
 
@@ -75,10 +75,7 @@ def run_rm(config: RMConfig, *, resume: bool = False, overwrite: bool = False,
         load_model=lambda tok: load_reward_model(config.model, tok.pad_token_id,
                                                   config.quantization_in_force()))
     tokenizer, data, model = prepared.tokenizer, prepared.data, prepared.model
-    share = config.reward.share_prefix and supports_shared_prefix(model)
-    if config.reward.share_prefix and not share:
-        log("rm: reward.share_prefix does not apply to this model (an encoder, a soft prompt, or attention "
-            f"without custom masks: {attention_implementation(model)}); each side of a pair gets its own row")
+    share = shared_prefix_in_force(config.reward.share_prefix, "reward.share_prefix", model)
 
     result = train_recipe(prepared, config, module=RewardModule(model),
                           step_fn=reward_step(config.reward.center_coef, config.reward.use_margin),
