@@ -243,7 +243,8 @@ class RewardConfig(Section):
     share_prefix: bool = Field(
         True, description="score a pair's two sides as one row that holds their common prefix (the prompt) once, "
         "with an attention mask that keeps the sides apart: the same scores for less work (decoder models with "
-        "sdpa or eager attention, not prompt tuning; false: one padded row per side)")
+        "sdpa or eager attention; not with prompt tuning, ALiBi or sliding-window layers; false: one padded row "
+        "per side)")
 
 
 class RMConfig(RecipeConfig):
@@ -275,7 +276,8 @@ class DPOSection(Section):
     share_prefix: bool = Field(
         True, description="run a pair's two sides as one row that holds their common prefix (the prompt) once, "
         "with an attention mask that keeps the sides apart: the same log-probs for less work (decoder models with "
-        "sdpa or eager attention, not prompt tuning; false: one padded row per side)")
+        "sdpa or eager attention; not with prompt tuning, ALiBi or sliding-window layers; false: one padded row "
+        "per side)")
 
     @property
     def reference_free(self) -> bool:
