@@ -1,6 +1,7 @@
 """Shared fixtures: a real byte-level BPE tokenizer from the demo world (built in well under a second)."""
 
 import os
+import signal
 
 import pytest
 
@@ -10,6 +11,10 @@ os.environ["TUNELAB_PRECISION"] = "fp32"
 # the tokenized cache is off in tests (and in the processes they start) unless a test points data.cache_dir at
 # a folder of its own: no test reads rows another one rendered
 os.environ["TUNELAB_CACHE_DIR"] = "none"
+# tests press Ctrl-C on runs and servers, in this process and in the ones they start: a suite launched with SIGINT
+# ignored (a background job of a script, nohup) would pass the ignoring on to them, and Ctrl-C would do nothing
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tunelab.demo.world import build_tokenizer, make_reviews
 
