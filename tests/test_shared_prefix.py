@@ -18,7 +18,7 @@ from tunelab.logprobs import LogprobModel
 from tunelab.recipes.dpo import run_dpo
 from tunelab.recipes.reward import run_rm
 from tunelab.rewards import packed_pair_scores, sequence_scores
-from tunelab.shared_prefix import common_prefix, pack_pairs, packed_length, shared_prefix_mask, supports_shared_prefix
+from tunelab.shared_prefix import common_prefix, pack_pairs, packed_length, shared_prefix_mask, unshared_reason
 
 
 def test_common_prefix_leaves_each_side_its_last_token():
@@ -35,7 +35,7 @@ def test_pack_pairs_layout_and_mask():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 0, 0, 0, 0]]
     assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, 2], [1, 1, 2, 3, 3, 3]]
     assert batch["chosen_end"].tolist() == [4, 1] and batch["rejected_end"].tolist() == [5, 2]
-    assert batch["prefix_len"].tolist() == [3, 0]
+    assert (batch["segments"] == 0).sum(1).tolist() == [3, 0]  # the prefix lengths
     mask = shared_prefix_mask(batch["segments"], "sdpa", torch.float32)
     assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
     # the rejected token (column 5) sees the prefix and itself, not the chosen continuation
@@ -63,7 +63,7 @@ def test_packed_scores_and_gradients_equal_one_row_per_side(implementation):
                          attn_implementation=implementation)
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
-    assert supports_shared_prefix(model)
+    assert unshared_reason(model) is None
     pairs = random_pairs(0)
     sides = [a for a, _ in pairs] + [b for _, b in pairs]
     padded = pad_batch(sides, [[0] * len(s) for s in sides], 0)
@@ -92,16 +92,16 @@ def test_models_that_cannot_take_packed_pairs_are_recognised():
                                                        num_hidden_layers=1, num_attention_heads=4, num_labels=1))
     bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                                     num_attention_heads=4, intermediate_size=64, num_labels=1))
-    assert supports_shared_prefix(llama) and not supports_shared_prefix(bert)
+    assert unshared_reason(llama) is None and unshared_reason(bert) == "an encoder"
     llama.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask
-    assert not supports_shared_prefix(llama)
+    assert unshared_reason(llama) == "flash_attention_2 attention, which takes no custom mask"
     mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=1, num_attention_heads=4, sliding_window=8))
-    assert not supports_shared_prefix(mistral)  # the custom mask would replace its sliding window
+    assert unshared_reason(mistral) == "sliding-window attention layers"  # the custom mask would replace its sliding window
     mistral.config.sliding_window = None
-    assert supports_shared_prefix(mistral)
+    assert unshared_reason(mistral) is None
     bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=32, n_layer=1, n_head=4))
-    assert not supports_shared_prefix(bloom)  # ALiBi: positions from the columns, not position_ids
+    assert unshared_reason(bloom) == "positions not taken from position_ids (ALiBi)"  # ALiBi: positions from the columns, not position_ids
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,8 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int,
                masks: list[tuple[list[int], list[int]]] | None = None) -> dict[str, torch.Tensor]:
     """Lay out (chosen, rejected) token sequences one pair per row, right-padded.
 
-    Returns `input_ids`, `position_ids`, `segments` `[N, T]`, `prefix_len` `[N]`, and the row's column of each
-    side's last token, `chosen_end` and `rejected_end` `[N]`. With `masks` (each side's loss mask, as the
+    Returns `input_ids`, `position_ids`, `segments` `[N, T]` (the prefix is segment 0), and the row's column of
+    each side's last token, `chosen_end` and `rejected_end` `[N]`. With `masks` (each side's loss mask, as the
     sequences), also `chosen_mask` and `rejected_mask` `[N, T]`: a side's mask laid on the columns that hold
     its tokens (a prefix column belongs to both sides), and `parent` `[N, T]`, the column whose state predicts
     each column's token (-1 for a row's first token).
@@ -60,7 +60,7 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int,
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     segments = torch.full((n, width), PAD_SEGMENT, dtype=torch.long)
-    prefix_len, chosen_end, rejected_end = (torch.zeros(n, dtype=torch.long) for _ in range(3))
+    chosen_end, rejected_end = (torch.zeros(n, dtype=torch.long) for _ in range(2))
     if masks is not None:
         chosen_mask, rejected_mask = (torch.zeros((n, width), dtype=torch.long) for _ in range(2))
         parent = torch.full((n, width), -1, dtype=torch.long)
@@ -74,7 +74,7 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int,
         segments[row, :p] = 0
         segments[row, p:len(a)] = 1
         segments[row, len(a):end] = 2
-        prefix_len[row], chosen_end[row], rejected_end[row] = p, len(a) - 1, end - 1
+        chosen_end[row], rejected_end[row] = len(a) - 1, end - 1
         if masks is not None:
             mask_a, mask_b = masks[row]
             chosen_mask[row, :len(a)] = torch.tensor(mask_a, dtype=torch.long)
@@ -82,8 +82,8 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int,
             rejected_mask[row, len(a):end] = torch.tensor(mask_b[p:], dtype=torch.long)
             parent[row, 1:end] = torch.arange(end - 1)
             parent[row, len(a)] = p - 1  # the rejected side's first own token follows the prefix
-    batch = {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "prefix_len": prefix_len,
-             "chosen_end": chosen_end, "rejected_end": rejected_end}
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "chosen_end": chosen_end,
+             "rejected_end": rejected_end}
     if masks is not None:
         batch.update(chosen_mask=chosen_mask, rejected_mask=rejected_mask, parent=parent)
     return batch
@@ -92,11 +92,6 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int,
 def attention_implementation(model: nn.Module) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(getattr(base, "config", None), "_attn_implementation", None)
-
-
-def supports_shared_prefix(model: nn.Module) -> bool:
-    """True when `model` can run packed pairs (see `unshared_reason`)."""
-    return unshared_reason(model) is None
 
 
 def unshared_reason(model: nn.Module) -> str | None:
@@ -114,8 +109,9 @@ def unshared_reason(model: nn.Module) -> str | None:
         return "a soft prompt, whose virtual tokens the layout does not hold"
     if not _is_causal_lm(base):
         return "an encoder"
-    if attention_implementation(model) not in MASKABLE_ATTENTION:
-        return f"{attention_implementation(model)} attention, which takes no custom mask"
+    implementation = attention_implementation(model)
+    if implementation not in MASKABLE_ATTENTION:
+        return f"{implementation} attention, which takes no custom mask"
     if not _positions_from_ids(base):
         return "positions not taken from position_ids (ALiBi)"
     if _sliding_window(config):

@@ -39,7 +39,6 @@ def collate_pairs(pairs: list[ScoredPair], pad_id: int, share_prefix: bool = Fal
     one packed row per pair instead (`tunelab.shared_prefix.pack_pairs`)."""
     if share_prefix:
         batch = pack_pairs([(p.chosen, p.rejected) for p in pairs], pad_id)
-        del batch["prefix_len"]
     else:
         sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         batch = pad_batch(sequences, [[0] * len(s) for s in sequences], pad_id)
