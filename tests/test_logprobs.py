@@ -53,7 +53,7 @@ def test_chunked_recompute_gives_the_same_gradients(model_and_batch):
 
 
 def test_rows_of_very_different_lengths_run_in_buckets_with_the_same_results(model_and_batch):
-    from tunelab.logprobs import length_buckets
+    from tunelab.logprobs import length_buckets, real_spans
 
     model = model_and_batch[0].eval()
     torch.manual_seed(1)
@@ -65,8 +65,10 @@ def test_rows_of_very_different_lengths_run_in_buckets_with_the_same_results(mod
     buckets = length_buckets(attn)
     assert [(rows.tolist(), length) for rows, length in buckets] == [([0, 3, 1, 5], 12), ([2, 4], 115)]
     assert len(length_buckets(torch.ones(3, 20, dtype=torch.long))) == 1  # equal lengths: one pass
-    left = attn.flip(1)
-    assert len(length_buckets(left)) == 1  # left padding is not bucketed here
+    holed = attn.clone()
+    holed[2, 50] = 0  # a row whose real tokens are not one run of columns
+    assert real_spans(holed) is None
+    assert len(length_buckets(holed)) == 1
     model.zero_grad()
     expected = reference_logprobs(model, ids, attn, mask)
     expected.sum().backward()
@@ -75,5 +77,37 @@ def test_rows_of_very_different_lengths_run_in_buckets_with_the_same_results(mod
     got = LogprobModel(model)(ids, attn, mask)
     got.sum().backward()
     assert torch.allclose(got, expected, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, grads[name], atol=1e-5), name
+
+
+def test_rollout_rows_padded_on_both_sides_run_in_buckets_with_the_same_results(model_and_batch):
+    # sampled rows: left padding before the prompt, right padding after a response that ended early
+    from tunelab.logprobs import length_buckets, position_ids_from_mask, real_spans
+
+    model = model_and_batch[0].eval()
+    torch.manual_seed(2)
+    width = 130
+    spans = [(110, 12), (0, 125), (100, 20), (5, 118), (108, 9), (3, 90)]  # (first real column, real tokens)
+    ids = torch.randint(5, 300, (len(spans), width))
+    columns = torch.arange(width)
+    attn = torch.stack([((columns >= a) & (columns < a + n)).long() for a, n in spans])
+    mask = attn.clone()
+    for row, (a, n) in enumerate(spans):
+        mask[row, a:a + n // 3] = 0  # the prompt's tokens are not scored
+    starts, lengths = real_spans(attn)
+    assert starts.tolist() == [a for a, _ in spans] and lengths.tolist() == [n for _, n in spans]
+    buckets = length_buckets(attn)
+    assert [(rows.tolist(), length) for rows, length in buckets] == [([4, 0, 2], 20), ([5, 3, 1], 125)]
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits.float()
+    expected = F.pad(torch.gather(F.log_softmax(logits[:, :-1], -1), 2, ids[:, 1:, None]).squeeze(2), (1, 0)) * mask
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = LogprobModel(model)(ids, attn, mask)
+    got.sum().backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got[mask == 0] == 0).all()
     for name, param in model.named_parameters():
         assert torch.allclose(param.grad, grads[name], atol=1e-5), name

@@ -93,18 +93,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 BUCKET_OVERHEAD_TOKENS = 64  # a forward pass costs about this many padded tokens' work by itself
 
 
-def length_buckets(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-    """Split a right-padded batch into groups of rows that pad less when run apart: [(rows, length)].
+def real_spans(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's first real column and its count of real tokens `([B], [B])`, when every row's real tokens are one
+    run of columns (left padding, right padding or both, as a sampled rollout has); None otherwise."""
+    real = attention_mask.bool()
+    lengths = real.sum(1)
+    starts = torch.where(lengths > 0, real.int().argmax(1), torch.zeros_like(lengths))
+    columns = torch.arange(real.shape[1], device=real.device)
+    expected = (columns >= starts[:, None]) & (columns < (starts + lengths)[:, None])
+    return (starts, lengths) if bool((real == expected).all()) else None
 
-    Rows sorted by length are cut where the padded tokens saved outweigh the cost of another forward
-    pass (an exact dynamic program over the cut points). One bucket (the whole batch) when cutting does
-    not pay, or when the batch is not right-padded (left-padded rows are trimmed by their callers).
+
+def length_buckets(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Split a padded batch into groups of rows that pad less when run apart: [(rows, length)].
+
+    Rows sorted by their count of real tokens are cut where the padded tokens saved outweigh the cost of
+    another forward pass (an exact dynamic program over the cut points). One bucket (the whole batch) when
+    cutting does not pay, or when some row's real tokens are not one run of columns (`real_spans`).
     """
-    lengths = attention_mask.sum(1)
-    width = attention_mask.shape[1]
-    n = lengths.numel()
-    if n < 2 or not bool((attention_mask == (torch.arange(width, device=lengths.device) < lengths[:, None])).all()):
-        return [(torch.arange(n, device=lengths.device), width)]
+    spans = real_spans(attention_mask)
+    n = attention_mask.shape[0]
+    if n < 2 or spans is None:
+        return [(torch.arange(n, device=attention_mask.device), attention_mask.shape[1])]
+    lengths = spans[1]
     order = torch.argsort(lengths, stable=True)
     sorted_lengths = lengths[order].tolist()
     # best[j]: least cost of the first j sorted rows; a bucket of rows i..j-1 costs (j - i) * len[j - 1]
@@ -119,8 +130,30 @@ def length_buckets(attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int
         bounds.append((cut[j], j))
         j = cut[j]
     if len(bounds) == 1:
-        return [(torch.arange(n, device=lengths.device), width)]
+        return [(torch.arange(n, device=attention_mask.device), attention_mask.shape[1])]
     return [(order[i:j], max(int(sorted_lengths[j - 1]), 1)) for i, j in reversed(bounds)]
+
+
+def bucketed_trunk(trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   buckets: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """The trunk's final hidden states `[B, T, H]` with each bucket's rows run apart, their real tokens moved to the
+    left of a tensor of the bucket's length (positions are counted over real tokens, so each real token's state is
+    the one the whole batch gives it); padding columns are zero."""
+    starts, lengths = real_spans(attention_mask)
+    parts, places = [], []
+    for rows, length in buckets:
+        offsets = torch.arange(length, device=input_ids.device)
+        columns = (starts[rows, None] + offsets).clamp(max=input_ids.shape[1] - 1)
+        mask = (offsets < lengths[rows, None]).long()
+        hidden = trunk(input_ids=torch.gather(input_ids[rows], 1, columns), attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
+        real = mask.bool()
+        parts.append(hidden[real])
+        places.append((rows[:, None].expand_as(columns)[real], columns[real]))
+    out = parts[0].new_zeros((*input_ids.shape, parts[0].shape[-1]))
+    rows = torch.cat([r for r, _ in places])
+    columns = torch.cat([c for _, c in places])
+    return out.index_put((rows, columns), torch.cat(parts))
 
 
 def split_for_encoder_decoder(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
@@ -203,12 +236,7 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         # a sharded trunk runs once per call on every process, whatever its rows' lengths
         buckets = length_buckets(attention_mask) if not in_lockstep(trunk) else []
         if len(buckets) > 1:  # rows of very different lengths: run each bucket at its own length
-            parts = [F.pad(trunk(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
-                                 position_ids=position_ids_from_mask(attention_mask[rows, :length]),
-                                 use_cache=False).last_hidden_state, (0, 0, 0, input_ids.shape[1] - length))
-                     for rows, length in buckets]
-            order = torch.cat([rows for rows, _ in buckets])
-            return torch.cat(parts)[torch.argsort(order)]  # back to the batch's row order
+            return bucketed_trunk(trunk, input_ids, attention_mask, buckets)
         return trunk(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     embeddings = model.get_base_model().get_input_embeddings()(input_ids)
