@@ -4,7 +4,8 @@
 
 Each process appends JSON lines to RECORD_DIR/rank-<r>.jsonl: its pid, the row indices of every batch the
 training loop collated, for PPO the inputs and outputs of advantage whitening and of the logged
-statistics, and for KTO each reference point z0 with the log-ratios it was computed from. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
+statistics, for PPO and GRPO the number of micro-batches of each pass, and for KTO each reference point z0 with the
+log-ratios it was computed from. TUNELAB_TEST_STEP_SLEEP (seconds) slows every training step, so a test can kill a run
 after a checkpoint; TUNELAB_TEST_NAN_AT=RANK:CALL makes one step-function call of one process give NaN.
 TUNELAB_TEST_ENGINE=fsdp2 gives the run the accelerate state an FSDP2 launch builds
 on GPUs, on the CPU processes' gloo group (accelerate's launcher refuses FSDP without a GPU);
@@ -89,6 +90,15 @@ def install_recorders() -> None:
                returns=tensor(experience["returns"]), ended=tensor(rollout.ended.float()), statistics=result)
         return result
     ppo.rollout_statistics = recording_statistics
+
+    from tunelab.recipes import grpo
+
+    for recipe in (grpo, ppo):
+        def recording_pieces(attention_mask, rows, budget, pieces_of=recipe.row_pieces):
+            pieces = pieces_of(attention_mask, rows, budget)  # the micro-batches of a pass on this process
+            record("pieces", rows=len(rows), count=len(pieces))
+            return pieces
+        recipe.row_pieces = recording_pieces
 
     from tunelab.recipes import kto
 

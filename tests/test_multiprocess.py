@@ -71,7 +71,10 @@ def world(tmp_path_factory):
             "sft": write_jsonl(root / "sft.jsonl", instruction_rows(48)),
             "pairs": write_jsonl(root / "pairs.jsonl", review_pairs(40)),
             "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Write a review of Film {i}.\n"}
-                                                            for i in range(32)])}
+                                                            for i in range(32)]),
+            # every other prompt longer: the processes' rows then split into different numbers of micro-batches
+            "uneven_prompts": write_jsonl(root / "uneven.jsonl", [
+                {"prompt": f"Write a review of Film {i}." + " Be brief." * (3 * (i % 2)) + "\n"} for i in range(32)])}
 
 
 def common_args(world, recipe: str, data: str, **extra) -> list[str]:
@@ -289,6 +292,49 @@ def test_grpo_two_processes_equal_one_on_the_same_responses(world, tmp_path):
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
     samples = (tmp_path / "two" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 3  # from the main process alone
+
+
+def test_grpo_micro_batches_of_uneven_count_across_processes_equal_one_process(world, tmp_path):
+    """Under a token budget each process splits its rows into micro-batches of its own count; only the last one's
+    backward synchronises gradients (DDP decides that at the forward), so the processes still make one
+    process's updates."""
+    args = ["grpo", "--model", str(world["model"]), "--data", str(world["uneven_prompts"]), "--reward",
+            "tests.recipes.test_ppo:letter_a_reward", "--max-steps", "2", "--batch-size", "4", "--peft", "none",
+            "--lr", "1e-2", "--quiet", "train.report=false", "rl.num_generations=3", "rl.epochs=2",
+            "data.eval_fraction=0", "train.log_every=1", "rl.sample_every=0", "train.micro_batch_tokens=48"]
+    launch(1, tmp_path / "rec1", args + ["--output", str(tmp_path / "one")], TUNELAB_TEST_FIXED_ROLLOUTS="1")
+    launch(2, tmp_path / "rec2", args + ["--output", str(tmp_path / "two")], TUNELAB_TEST_FIXED_ROLLOUTS="1")
+    counts = [[r["count"] for r in records(tmp_path / "rec2", rank, "pieces")] for rank in (0, 1)]
+    # per iteration: the experience pass, then 2 passes over 1 minibatch; each split its own way on each process
+    assert len(counts[0]) == len(counts[1]) == 2 * 3
+    assert counts[0] != counts[1] and min(counts[0] + counts[1]) > 1, counts
+    first, second = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in second] == [1, 2]
+    for a, b in zip(first, second):
+        for key in a.keys() - {"generate_s", "rollout_s", "learn_s", "iteration_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert max_weight_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
+
+
+def test_ppo_micro_batches_of_uneven_count_across_processes_make_the_whole_batches_updates(world, tmp_path):
+    """PPO on two processes whose rows split into different numbers of micro-batches (the first update's piece
+    forwarded by the experience pass among them) makes the updates of the same run with no token budget."""
+    args = ["ppo", "--model", str(world["model"]), "--data", str(world["uneven_prompts"]), "--reward",
+            "tests.recipes.test_ppo:letter_a_reward", "--max-steps", "2", "--batch-size", "8", "--peft", "none",
+            "--lr", "1e-3", "--quiet", "train.report=false", "ppo.minibatch_size=8", "ppo.epochs=2",
+            "data.eval_fraction=0", "train.log_every=1", "ppo.sample_every=0"]
+    launch(2, tmp_path / "rec-whole", args + ["--output", str(tmp_path / "whole")], TUNELAB_TEST_FIXED_ROLLOUTS="1")
+    launch(2, tmp_path / "rec-split", args + ["--output", str(tmp_path / "split"), "train.micro_batch_tokens=48"],
+           TUNELAB_TEST_FIXED_ROLLOUTS="1")
+    counts = [[r["count"] for r in records(tmp_path / "rec-split", rank, "pieces")] for rank in (0, 1)]
+    assert counts[0] != counts[1] and min(counts[0] + counts[1]) > 1, counts
+    assert all(r["count"] == 1 for rank in (0, 1) for r in records(tmp_path / "rec-whole", rank, "pieces"))
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [m["step"] for m in split] == [1, 2]
+    for a, b in zip(whole, split):
+        for key in ("score_mean", "kl", "policy_loss", "value_loss", "entropy", "approx_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert max_weight_diff(tmp_path / "whole", tmp_path / "split") <= 1e-5
 
 
 def test_a_launch_that_forms_no_group_is_an_error(monkeypatch):

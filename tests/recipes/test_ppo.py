@@ -178,11 +178,17 @@ def test_micro_batches_give_the_same_ppo_updates(tiny_dir, tmp_path):
     assert whole["approx_kl"] > 0 and whole["updates"] == 8  # the policy moved within the iteration
 
 
-def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, prompts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", [None, 64])
+def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, tmp_path, monkeypatch, budget):
     """The experience pass's forward of the first minibatch serves as the first update's forward: 8 rows fewer
-    forwarded per iteration, and the weights end where two separate forwards take them (up to float rounding)."""
+    forwarded per iteration, and the weights end where two separate forwards take them (up to float rounding).
+    Where the minibatch is split into micro-batches (a token budget of 64: pieces of a few rows, shortest
+    first), the piece of its longest rows is the one forwarded once, and the first update runs it first."""
     import tunelab.recipes.ppo as ppo_module
     from tests.helpers import final_weights as weights
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",  # prompts of several lengths
+                          [{"prompt": f"Write a review of Film {i}." + " More." * (i % 4) + "\n"} for i in range(64)])
 
     calls = {"n": 0}
     forward = PolicyWithValueHead.forward
@@ -192,6 +198,14 @@ def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, promp
         return forward(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(PolicyWithValueHead, "forward", counted)
+    held = []
+    first_piece = ppo_module.first_piece
+
+    def recorded(pieces):
+        held.append((len(pieces), len(first_piece(pieces)[0])))
+        return first_piece(pieces)
+
+    monkeypatch.setattr(ppo_module, "first_piece", recorded)
     make_experience = ppo_module.make_experience
     counts = {}
     for name in ("reused", "separate"):
@@ -199,11 +213,17 @@ def test_first_minibatch_is_forwarded_once_with_the_same_updates(tiny_dir, promp
             monkeypatch.setattr(ppo_module, "make_experience",
                                 lambda *a, **k: make_experience(*a, **{**k, "first_rows": None}))
         calls["n"] = 0
-        config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=2)
+        config = ppo_config(tiny_dir, prompts, tmp_path / name, train__max_steps=2, train__micro_batch_tokens=budget)
         run_ppo(config, quiet=True)
         counts[name] = calls["n"]
-    # per iteration: 16 rows without gradients, then 4 epochs x 2 minibatches of 8 with; reused: 8 rows fewer
-    assert counts["separate"] == 2 * (16 + 4 * 16) and counts["reused"] == counts["separate"] - 2 * 8
+    # per iteration: 16 rows without gradients, then 4 epochs x 2 minibatches of 8 with
+    assert counts["separate"] == 2 * (16 + 4 * 16)
+    experience_calls = held[:2]  # make_experience's choice in each reused iteration (learn's come after)
+    if budget is None:
+        assert experience_calls == [(1, 8), (1, 8)]  # the whole minibatch in one piece
+    else:
+        assert all(pieces > 1 and 0 < rows < 8 for pieces, rows in experience_calls), experience_calls
+    assert counts["reused"] == counts["separate"] - sum(rows for _, rows in experience_calls)
     one, two = weights(tmp_path / "reused"), weights(tmp_path / "separate")
     # the old log-probs come from an 8-row forward instead of a 16-row one: on several threads the matrix
     # products round differently by batch shape (about 1e-7), which Adam at lr 1e-2 turns into ~5e-6 in weights

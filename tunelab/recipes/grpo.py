@@ -106,20 +106,21 @@ def learn_group(loop: OnlineLoop, experience: dict, config: GRPOConfig, first_or
             stats: dict[str, torch.Tensor] = {}
             for i, (index, columns) in enumerate(pieces):
                 take = take_rows(tensors, index, columns)
-                logprobs, _, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
-                fresh = ~known[index]
-                if fresh.any():  # sampled by the weights being trained: old = new, detached
-                    old = torch.where(fresh[:, None], logprobs.detach(), take["old_logprobs"])
-                    tensors["old_logprobs"][index[:, None], torch.arange(columns.start, columns.stop,
-                                                                         device=old.device)] = old
-                    known[index] = True
-                else:
-                    old = take["old_logprobs"]
-                loss_sum, _, piece = group_policy_loss(logprobs, old, advantages[index], take["mask"], rl.clip_range,
-                                                       take["ref_logprobs"] if in_loss else None, rl.kl_coef,
-                                                       rl.loss_norm)
-                loss = loss_sum / total
+                # the forward too: DDP decides there whether this piece's backward synchronises gradients
                 with distributed.micro_batch(accelerator, module, last=i == len(pieces) - 1):
+                    logprobs, _, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
+                    fresh = ~known[index]
+                    if fresh.any():  # sampled by the weights being trained: old = new, detached
+                        old = torch.where(fresh[:, None], logprobs.detach(), take["old_logprobs"])
+                        tensors["old_logprobs"][index[:, None], torch.arange(columns.start, columns.stop,
+                                                                             device=old.device)] = old
+                        known[index] = True
+                    else:
+                        old = take["old_logprobs"]
+                    loss_sum, _, piece = group_policy_loss(logprobs, old, advantages[index], take["mask"],
+                                                           rl.clip_range, take["ref_logprobs"] if in_loss else None,
+                                                           rl.kl_coef, rl.loss_norm)
+                    loss = loss_sum / total
                     accelerator.backward(loss * world)  # gradients are averaged over processes
                 piece["entropy"] = masked_sum(entropy, take["mask"]).detach()
                 piece["loss"] = loss.detach()

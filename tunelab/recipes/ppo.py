@@ -179,7 +179,8 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
         scores = shape_scores(raw_scores, rollout.ended, config, distributed.all_gather).to(loop.device)
         order = torch.randperm(len(rollout.prompts))
         experience = make_experience(loop.module, loop.raw, ref_model, rollout, scores, controller.value, config,
-                                     loop.device, loop.budget, first_rows=order[:ppo.minibatch_size // world])
+                                     loop.device, loop.budget, first_rows=order[:ppo.minibatch_size // world],
+                                     accelerator=loop.accelerator)
         rollout_s = time.time() - started
         started = time.time()
         learned = learn(loop, experience, order)
@@ -205,15 +206,18 @@ def run_ppo(config: PPOConfig, *, resume: bool = False, overwrite: bool = False,
 
 def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.Module | None, rollout: Rollout,
                     scores: torch.Tensor, kl_coef: float, config: PPOConfig, device: torch.device,
-                    budget: int | None, first_rows: torch.Tensor | None = None) -> dict:
+                    budget: int | None, first_rows: torch.Tensor | None = None, accelerator=None) -> dict:
     """Old log-probs, values, reference log-probs, KL, per-token rewards, advantages and returns.
 
     The forward passes run in micro-batches of at most `budget` padded tokens (`row_pieces`).
-    `first_rows`: this process's rows of the first minibatch of the first epoch. Where they fit in one
-    micro-batch, their forward runs with gradients, after every other one: its outputs are their old
-    log-probs and values (detached; the weights are those that sampled them) and, kept as `first`, the
-    first update's own forward, so those rows are forwarded once instead of twice. Nothing else runs the
-    model between that forward and its backward, which every engine (DDP, FSDP, ZeRO) allows."""
+    `first_rows`: this process's rows of the first minibatch of the first epoch. The forward of the micro-batch
+    of them that the first update runs first (the whole minibatch where it fits in one, else its piece of the
+    longest rows) runs with gradients, after every other one: its outputs are those rows' old log-probs and
+    values (detached; the weights are those that sampled them) and, kept as `first` with the piece's rows and
+    columns, the first update's own forward of them, so they are forwarded once instead of twice. Only that
+    piece's activations are held (within the micro-batch budget), and nothing else runs the model between that
+    forward and its backward, which every engine (DDP, FSDP, ZeRO) allows. Where other pieces follow it, that
+    forward runs as theirs do, without gradient synchronisation (`accelerator`'s `micro_batch`)."""
     batch = {"input_ids": rollout.input_ids.to(device), "attention_mask": rollout.attention_mask.to(device),
              "loss_mask": rollout.loss_mask.to(device)}
     mask = batch["loss_mask"].float()
@@ -222,9 +226,8 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
     first = None
     if first_rows is not None:
         first_pieces = row_pieces(batch["attention_mask"], first_rows.to(device), budget)
-        if len(first_pieces) == 1:
-            first = first_pieces[0]
-            rows = rows[~torch.isin(rows, first[0])]
+        first = first_piece(first_pieces)
+        rows = rows[~torch.isin(rows, first[0])]
     with torch.no_grad():
         for index, columns in row_pieces(batch["attention_mask"], rows, budget) if rows.numel() else []:
             piece = take_rows(batch, index, columns)
@@ -237,9 +240,13 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
     if first is not None:
         index, columns = first
         piece = take_rows(batch, index, columns)
-        outputs = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
+        # DDP decides at the forward whether the backward synchronises: only the minibatch's last piece does
+        with (distributed.micro_batch(accelerator, module, last=len(first_pieces) == 1) if accelerator is not None
+              else contextlib.nullcontext()):
+            outputs = module(piece["input_ids"], piece["attention_mask"], piece["loss_mask"])
         old_logprobs[index, columns] = outputs[0].detach()
         values[index, columns] = outputs[1].detach()
+        outputs = (first, outputs)
     kl = kl_estimate(old_logprobs, ref, config.ppo.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, config.ppo.gamma, config.ppo.lam)
@@ -249,11 +256,18 @@ def make_experience(module: nn.Module, raw: PolicyWithValueHead, ref_model: nn.M
             "advantages": advantages, "returns": returns, "first": outputs}
 
 
+def first_piece(pieces: list[tuple[torch.Tensor, slice]]) -> tuple[torch.Tensor, slice]:
+    """The micro-batch of a minibatch that `learn` runs first: the one with the most padded tokens (the longest
+    rows), whose forward `make_experience` may run with gradients ahead of it."""
+    return max(pieces, key=lambda piece: len(piece[0]) * (piece[1].stop - piece[1].start))
+
+
 def learn(loop: OnlineLoop, experience: dict, first_order: torch.Tensor) -> dict[str, float]:
     """PPO epochs over minibatches of one batch of experience; returns the mean losses and statistics.
 
-    `first_order`: the row order of the first epoch, whose first minibatch `make_experience` may have
-    forwarded already (`experience["first"]`).
+    `first_order`: the row order of the first epoch, one of whose first minibatch's micro-batches
+    (`first_piece`) `make_experience` may have forwarded already (`experience["first"]`: the piece and its
+    outputs); that piece then runs first.
     Each process takes `ppo.minibatch_size / N` of its rows per update; losses are means over the
     response tokens of the whole minibatch (all processes), and so are the statistics, so every process
     makes the same `target_kl` decision.
@@ -273,23 +287,33 @@ def learn(loop: OnlineLoop, experience: dict, first_order: torch.Tensor) -> dict
             rows = order[start:start + local_minibatch].to(experience["mask"].device)
             total = distributed.all_sum(experience["mask"][rows].sum()).clamp(min=1)
             pieces = row_pieces(experience["attention_mask"], rows, budget)
+            if first is not None:  # the piece make_experience forwarded goes first: its graph is waiting
+                (held_rows, held_columns), _ = first
+                at = [i for i, (index, columns) in enumerate(pieces)
+                      if columns == held_columns and torch.equal(index, held_rows)]
+                if at:
+                    pieces.insert(0, pieces.pop(at[0]))
+                else:  # not this minibatch's piece (cannot happen with the same order and budget): recompute
+                    first = None
             stats: dict[str, torch.Tensor] = {}
             for i, (index, columns) in enumerate(pieces):
                 # each piece's masked means, weighted by its share of the minibatch's response tokens,
                 # add up to the minibatch's masked means: the same loss and gradient as one pass
                 take = take_rows(tensors, index, columns)
                 weight = take["mask"].sum() / total
-                if first is not None:  # the first update's forward, run by make_experience
-                    (logprobs, values, entropy), first = first, None
-                else:
-                    logprobs, values, entropy = module(take["input_ids"], take["attention_mask"], take["loss_mask"])
-                policy_loss, policy_stats = ppo_policy_loss(logprobs, take["old_logprobs"], take["advantages"],
-                                                            take["mask"], ppo.clip_range)
-                value_loss, value_stats = ppo_value_loss(values, take["values"], take["returns"], take["mask"],
-                                                         ppo.value_clip)
-                mean_entropy = masked_mean(entropy, take["mask"])
-                loss = (policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy) * weight
+                # the forward too: DDP decides there whether this piece's backward synchronises gradients
                 with distributed.micro_batch(accelerator, module, last=i == len(pieces) - 1):
+                    if first is not None:  # the first update's forward of this piece, run by make_experience
+                        (_, (logprobs, values, entropy)), first = first, None
+                    else:
+                        logprobs, values, entropy = module(take["input_ids"], take["attention_mask"],
+                                                           take["loss_mask"])
+                    policy_loss, policy_stats = ppo_policy_loss(logprobs, take["old_logprobs"], take["advantages"],
+                                                                take["mask"], ppo.clip_range)
+                    value_loss, value_stats = ppo_value_loss(values, take["values"], take["returns"], take["mask"],
+                                                             ppo.value_clip)
+                    mean_entropy = masked_mean(entropy, take["mask"])
+                    loss = (policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * mean_entropy) * weight
                     # gradients are averaged over processes: each contributes world x its share
                     accelerator.backward(loss * world)
                 piece_stats = {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss,
