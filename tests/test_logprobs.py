@@ -22,8 +22,8 @@ def model_and_batch():
     return model, input_ids, attention_mask, loss_mask
 
 
-def reference_logprobs(model, input_ids, attention_mask, loss_mask):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+def reference_logprobs(model, input_ids, attention_mask, loss_mask, position_ids=None):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits.float()
     lp = torch.gather(F.log_softmax(logits[:, :-1], -1), 2, input_ids[:, 1:, None]).squeeze(2)
     return F.pad(lp, (1, 0)) * loss_mask
 
@@ -52,6 +52,21 @@ def test_chunked_recompute_gives_the_same_gradients(model_and_batch):
         assert torch.allclose(param.grad, expected[name], atol=1e-5), name
 
 
+def assert_like_full_logits(model, ids, attn, mask, position_ids=None):
+    """`LogprobModel`'s log-probs and gradients equal those of the plain full-logits computation; returns them."""
+    model.zero_grad()
+    expected = reference_logprobs(model, ids, attn, mask, position_ids)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = LogprobModel(model)(ids, attn, mask)
+    got.sum().backward()
+    assert torch.allclose(got, expected, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, grads[name], atol=1e-5), name
+    return got
+
+
 def test_rows_of_very_different_lengths_run_in_buckets_with_the_same_results(model_and_batch):
     from tunelab.logprobs import length_buckets, real_spans
 
@@ -69,16 +84,7 @@ def test_rows_of_very_different_lengths_run_in_buckets_with_the_same_results(mod
     holed[2, 50] = 0  # a row whose real tokens are not one run of columns
     assert real_spans(holed) is None
     assert len(length_buckets(holed)) == 1
-    model.zero_grad()
-    expected = reference_logprobs(model, ids, attn, mask)
-    expected.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    got = LogprobModel(model)(ids, attn, mask)
-    got.sum().backward()
-    assert torch.allclose(got, expected, atol=1e-5)
-    for name, param in model.named_parameters():
-        assert torch.allclose(param.grad, grads[name], atol=1e-5), name
+    assert_like_full_logits(model, ids, attn, mask)
 
 
 def test_rollout_rows_padded_on_both_sides_run_in_buckets_with_the_same_results(model_and_batch):
@@ -99,15 +105,5 @@ def test_rollout_rows_padded_on_both_sides_run_in_buckets_with_the_same_results(
     assert starts.tolist() == [a for a, _ in spans] and lengths.tolist() == [n for _, n in spans]
     buckets = length_buckets(attn)
     assert [(rows.tolist(), length) for rows, length in buckets] == [([4, 0, 2], 20), ([5, 3, 1], 125)]
-    model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits.float()
-    expected = F.pad(torch.gather(F.log_softmax(logits[:, :-1], -1), 2, ids[:, 1:, None]).squeeze(2), (1, 0)) * mask
-    expected.sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    got = LogprobModel(model)(ids, attn, mask)
-    got.sum().backward()
-    assert torch.allclose(got, expected, atol=1e-5)
+    got = assert_like_full_logits(model, ids, attn, mask, position_ids=position_ids_from_mask(attn))
     assert (got[mask == 0] == 0).all()
-    for name, param in model.named_parameters():
-        assert torch.allclose(param.grad, grads[name], atol=1e-5), name
